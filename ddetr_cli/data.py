@@ -593,6 +593,8 @@ def detect_format(root: Path) -> str:
         return "yolo"
     if (root / "Annotations").is_dir():
         return "voc"
+    if (root / _ROBOFLOW_JSON).is_file():
+        raise DatasetError(f"{root} holds one COCO split; give its parent folder (the dataset root)")
     raise DatasetError(
         f"{root}: unknown dataset format; expected COCO (train/{_ROBOFLOW_JSON} or "
         "annotations/instances_train.json), YOLO (data.yaml with images/ and labels/) "
