@@ -197,3 +197,15 @@ def test_committed_examples_match_the_generator(tmp_path: Path) -> None:
     assert (tmp_path / "clip.json").read_bytes() == (examples / "clip.json").read_bytes()
     sizes = {cv2.imread(str(p)).shape[:2] for p in (examples / "images").glob("*.jpg")}
     assert len(sizes) >= 3
+
+
+def test_clip_falls_back_to_opencv_without_pyav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` raise ImportError
+    path = tmp_path / "clip.mp4"
+    synth.make_clip(path, frames=5, size=(64, 48), fps=5)
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+    assert int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") in (b"mp4v", b"FMP4")  # MPEG-4
+    cap.release()
