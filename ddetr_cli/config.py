@@ -1,0 +1,82 @@
+"""Model configuration: one dataclass for all five Deformable DETR variants."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# The five published variants, as overrides of the multi-scale defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "single-scale": {"num_feature_levels": 1},
+    "single-scale-dc5": {"num_feature_levels": 1, "dilation": True},
+    "multi-scale": {},
+    "box-refine": {"with_box_refine": True},
+    "two-stage": {"with_box_refine": True, "two_stage": True},
+}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a Deformable DETR model (defaults: the official multi-scale R50 model)."""
+
+    num_classes: int = 91
+    class_names: list[str] = field(default_factory=list)
+    backbone_depth: int = 50
+    dilation: bool = False
+    num_feature_levels: int = 4
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    with_box_refine: bool = False
+    two_stage: bool = False
+
+    def __post_init__(self) -> None:
+        if self.two_stage and not self.with_box_refine:
+            # The published two-stage model always refines; the heads' sharing assumes it.
+            raise ValueError("two_stage requires with_box_refine")
+        if self.d_model % 32 or self.d_model % self.nheads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by 32 (GroupNorm) and by nheads={self.nheads}")
+        if self.backbone_depth not in (18, 34, 50, 101):
+            raise ValueError(f"backbone_depth must be 18, 34, 50 or 101, got {self.backbone_depth}")
+        if self.num_feature_levels < 1:
+            raise ValueError("num_feature_levels must be >= 1")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    @classmethod
+    def from_variant(cls, variant: str = "multi-scale", **overrides: Any) -> "ModelConfig":
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        return cls(**{**VARIANTS[variant], **overrides})
+
+    @property
+    def variant(self) -> str:
+        if self.two_stage:
+            return "two-stage"
+        if self.with_box_refine:
+            return "box-refine"
+        if self.num_feature_levels == 1:
+            return "single-scale-dc5" if self.dilation else "single-scale"
+        return "multi-scale"
+
+    def label_name(self, label: int) -> str:
+        if 0 <= label < len(self.class_names) and self.class_names[label]:
+            return self.class_names[label]
+        return str(label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"variant"}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in known})
