@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -319,9 +320,10 @@ cpp_extension.load(is_python_module=False, **args)
 
 
 def _first_error_line(log: str) -> str:
+    """The compiler's first diagnostic ("file:line: error: ..."), else the last line of the log."""
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     for ln in lines:
-        if "error" in ln.lower() and not ln.lower().startswith(("ninja: build stopped", "subprocess")):
+        if re.search(r"(^|[\s:])(fatal )?error( [A-Z]?\d+)?:", ln, re.IGNORECASE) and "Error building" not in ln:
             return ln
     return lines[-1] if lines else "no output"
 
