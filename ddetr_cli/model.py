@@ -106,7 +106,7 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc.to(value.dtype), weights)
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc.to(value.dtype), weights.to(value.dtype))
         return self.output_proj(out)
 
 

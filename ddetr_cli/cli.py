@@ -1,0 +1,354 @@
+"""The ``ddetr`` command line: a thin Typer layer over the Python API.
+
+Known failures (bad input, missing weights, unreadable data) print one red line and exit
+non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(
+    name="ddetr",
+    help="Deformable DETR object detection: detect, video, finetune, eval.\n\n"
+    "Examples:\n\n"
+    "  ddetr detect photo.jpg --model demo\n\n"
+    "  ddetr weights list\n\n"
+    "  ddetr info",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+weights_app = typer.Typer(help="Manage named weights (bundled, hub, imported, finetuned).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """A failure the user can fix; shown as one line."""
+
+
+def fail(msg: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .detector import ImageReadError
+    from .registry import ModelNotAvailable
+    from .sources import SourceError
+    from .weights import WeightsError
+
+    errs: list[type[BaseException]] = [UserError, WeightsError, ModelNotAvailable, SourceError, ImageReadError, FileNotFoundError]
+    try:
+        from .data import DatasetError
+
+        errs.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        out.print(f"ddetr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Versions, device, and which deformable-attention backend is in use and why.
+
+    Example: ddetr info --json
+    """
+    import torch
+
+    from .op import backend_info
+
+    b = backend_info()
+    data = {
+        "ddetr": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "msda_backend": b.get("backend"),
+        "msda_reason": b.get("reason"),
+        "msda_cuda_kernels": b.get("cuda_kernels"),
+    }
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in data.items():
+        t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+
+
+# -- detect -------------------------------------------------------------------------------------
+
+
+def _parse_formats(formats: list[str]) -> list[str]:
+    from .detect import FORMATS
+
+    fmts = []
+    for f in formats:
+        fmts += [x.strip().lower() for x in f.split(",") if x.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise UserError(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+    return fmts or ["coco"]
+
+
+@app.command()
+def detect(
+    sources: Annotated[list[str], typer.Argument(help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes (names or ids; repeat or comma-separate).")] = None,
+    max_det: Annotated[int, typer.Option("--max-det", help="Most detections per image.", min=1)] = 100,
+    imgsz: Annotated[int, typer.Option(help="Short side the images are resized to.", min=32)] = 800,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
+    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc (repeat or comma-separate).")] = ["coco"],  # noqa: B006
+    save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+) -> None:
+    """Detect objects in images; write COCO JSON pre-labels (and YOLO/VOC) and annotated images.
+
+    Examples:
+
+      ddetr detect examples/images --model demo
+
+      ddetr detect 'photos/**/*.jpg' --conf 0.5 --format coco,yolo --out runs/labels
+
+      ddetr detect list.txt --classes person,car --json
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .detect import run_detect
+    from .detector import Detector
+    from .export import next_run_dir
+
+    fmts = _parse_formats(formats)
+    try:
+        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
+    except ValueError as e:
+        if isinstance(e, _known_errors()):
+            raise
+        raise UserError(str(e)) from None
+    class_ids = None
+    if classes:
+        flat = [c for item in classes for c in item.split(",") if c.strip()]
+        try:
+            class_ids = det.class_ids(flat)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/detect"))
+    progress = Progress(
+        TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet or as_json, transient=False,
+    )
+    started = [0.0]
+
+    with progress:
+        task = progress.add_task("detect", total=None, rate="-")
+
+        def on_total(n: int) -> None:
+            import time
+
+            started[0] = time.perf_counter()
+            progress.update(task, total=n)
+
+        def on_progress(done: int, total: int) -> None:
+            import time
+
+            dt = time.perf_counter() - started[0]
+            progress.update(task, completed=done, rate=f"{done / dt:.1f}" if dt > 0 else "-")
+
+        try:
+            res = run_detect(
+                det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
+                formats=fmts, save_images=save_images, recursive=recursive, workers=workers,
+                progress=on_progress, total_hint=on_total,
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/]: partial results in {run_dir}/predictions.json (marked incomplete)")
+            raise typer.Exit(130)
+
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    elif not quiet:
+        _detect_summary(res)
+    if res.images == 0:
+        fail(f"no image could be read ({len(res.skipped)} skipped)")
+
+
+def _detect_summary(res) -> None:
+    t = Table(title=f"ddetr detect: {res.images} images, {res.detections} detections", title_justify="left")
+    t.add_column("class")
+    t.add_column("detections", justify="right")
+    for name, n in res.per_class.most_common():
+        t.add_row(name, str(n))
+    if not res.per_class:
+        t.add_row("[dim](none)[/]", "0")
+    console.print(t)
+    console.print(f"time {res.seconds:.2f} s, {res.throughput:.2f} img/s")
+    if res.skipped:
+        console.print(f"[yellow]skipped {len(res.skipped)}[/]:")
+        for s in res.skipped[:20]:
+            console.print(f"  {s['reason']}", highlight=False)
+        if len(res.skipped) > 20:
+            console.print(f"  ... and {len(res.skipped) - 20} more (see predictions.json info.skipped)")
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>7}: {path}", highlight=False)
+
+
+# -- video --------------------------------------------------------------------------------------
+# (video command goes here)
+
+
+# -- eval ---------------------------------------------------------------------------------------
+# (eval command goes here)
+
+
+# -- finetune -----------------------------------------------------------------------------------
+# (finetune command goes here)
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+@weights_app.command("list")
+def weights_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List named weights and whether they are available offline."""
+    from .registry import list_models
+
+    entries = list_models()
+    if as_json:
+        out.print_json(json.dumps([{**e.__dict__, "available": bool(e.path) and Path(e.path).exists()} for e in entries]))
+        return
+    t = Table(title="ddetr weights")
+    for col in ("name", "source", "available", "description"):
+        t.add_column(col)
+    for e in entries:
+        avail = bool(e.path) and Path(e.path).exists()
+        t.add_row(e.name, e.source, "[green]yes[/]" if avail else "[dim]pull[/]", e.description)
+    out.print(t)
+
+
+@weights_app.command("pull")
+def weights_pull(name: Annotated[str, typer.Argument(help="A hub model name from `ddetr weights list`.")]) -> None:
+    """Download a hub model and convert it once to the project's format."""
+    from .registry import pull
+
+    path = pull(name)
+    out.print(f"{name}: {path}")
+
+
+@weights_app.command("import")
+def weights_import(
+    path: Annotated[Path, typer.Argument(help="Hub folder, official .pth, or .safetensors.")],
+    name: Annotated[Optional[str], typer.Option(help="Name to register (default: the file's stem).")] = None,
+) -> None:
+    """Convert a local weights file to the project's format and register it by name.
+
+    Example: ddetr weights import ./checkpoint0049.pth --name coco-r50
+    """
+    from .registry import home, register
+    from .weights import detect_layout, load_model, save_model
+
+    layout = detect_layout(path)
+    model = load_model(path)
+    name = name or Path(path).stem.replace(".safetensors", "")
+    dst = save_model(model, home() / "models" / f"{name}.safetensors", extra_meta={"source": f"import:{layout}"})
+    register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout")
+    out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
+
+
+@weights_app.command("rm")
+def weights_rm(name: str) -> None:
+    """Forget a registered name (and delete its converted file in the ddetr cache)."""
+    from .registry import home, unregister
+
+    entry = unregister(name)
+    p = Path(entry.path)
+    if p.is_file() and home() in p.parents:
+        p.unlink()
+    out.print(f"removed {name}")
+
+
+@weights_app.command("info")
+def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights path.")]) -> None:
+    """Show a model's variant, size and classes."""
+    from .registry import resolve
+    from .weights import read_weights
+
+    path = resolve(name)
+    cfg, sd, layout = read_weights(path)
+    n_params = sum(t.numel() for t in sd.values())
+    t = Table(show_header=False, box=None)
+    for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
+                 ("backbone", f"ResNet-{cfg.backbone_depth}{' DC5' if cfg.dilation else ''}"), ("d_model", cfg.d_model),
+                 ("queries", cfg.num_queries), ("classes", cfg.num_classes),
+                 ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-")]:
+        t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+
+
+def main() -> None:
+    """Console entry point: run the app, mapping known failures to one line and an exit code."""
+    try:
+        # without standalone mode click returns Exit codes instead of exiting
+        rv = app(standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # typer/click usage errors carry their own formatting
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, _known_errors()):
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2 if isinstance(e, UserError) else 1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

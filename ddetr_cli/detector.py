@@ -1,0 +1,295 @@
+"""Image in, detections out: reading, resizing, normalising, batching, post-processing.
+
+``Detector`` is the Python API under ``ddetr detect``, ``video`` and ``eval``::
+
+    det = Detector.from_pretrained("demo")
+    [dets] = det(["photo.jpg"], conf=0.3)        # supervision.Detections, xyxy in pixels
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import cv2
+import numpy as np
+import supervision as sv
+import torch
+from PIL import Image, ImageOps
+from torch.nn import functional as F
+
+from .config import ModelConfig
+from .model import DeformableDETR
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+ImageLike = Union[str, Path, np.ndarray, Image.Image]
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+
+def read_image(source: ImageLike) -> np.ndarray:
+    """Any supported image -> (H, W, 3) uint8 RGB.
+
+    Paths honour EXIF orientation; grayscale, 16-bit, palette and RGBA inputs are converted.
+    numpy inputs are taken as RGB (or grayscale (H, W)); uint16 is scaled to 8 bits.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            with Image.open(path) as im:
+                im.load()  # force a full decode so truncated files fail here, not later
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_rgb(im)
+        except FileNotFoundError:
+            raise ImageReadError(f"{path}: no such file") from None
+        except Image.UnidentifiedImageError as e:
+            # a format PIL lacks (some TIFFs/HDR) may still open in OpenCV; truncated or corrupt
+            # files that PIL recognised are not retried, since OpenCV would return half an image
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # formats PIL lacks (some TIFFs)
+            if arr is None or arr.size == 0:
+                raise ImageReadError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            if arr.ndim == 3 and arr.shape[2] == 4:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+            elif arr.ndim == 3:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+            return _array_to_rgb(arr)
+        except Exception as e:  # PIL raises many types for truncated/corrupt data
+            raise ImageReadError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    raise TypeError(f"unsupported image type {type(source).__name__}")
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_rgb(np.asarray(im))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # composite on white: transparent areas of labels/screenshots are background, not black
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        hi = 65535.0 if arr.dtype == np.uint16 or a.max() > 255 else (1.0 if a.max() <= 1.0 else 255.0)
+        arr = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(f"unsupported image array of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def resize_shape(h: int, w: int, size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:
+    """Output (h, w): short side ``size`` unless the long side would pass ``max_size``.
+
+    The official recipe: the short side target is lowered (rounded) first when the long side
+    would exceed max_size; an image already at the target is left as is.
+    """
+    if max_size is not None:
+        lo, hi = float(min(h, w)), float(max(h, w))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def preprocess(
+    images: Sequence[np.ndarray],
+    size: int = 800,
+    max_size: int | None = 1333,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB uint8 images -> (pixels (B, 3, Hp, Wp) normalised float32, mask (B, Hp, Wp) True on padding).
+
+    Resizing is bilinear with antialiasing (as PIL does for the reference); padding is at the
+    bottom/right with zeros.
+    """
+    tensors = []
+    for img in images:
+        t = torch.from_numpy(img if img.flags.writeable else img.copy()).to(device).permute(2, 0, 1).float().div_(255.0)
+        h, w = img.shape[:2]
+        nh, nw = resize_shape(h, w, size, max_size)
+        if (nh, nw) != (h, w):
+            t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        mean = torch.tensor(MEAN, device=t.device).view(3, 1, 1)
+        std = torch.tensor(STD, device=t.device).view(3, 1, 1)
+        tensors.append((t - mean) / std)
+    hp = max(t.shape[1] for t in tensors)
+    wp = max(t.shape[2] for t in tensors)
+    pixels = torch.zeros(len(tensors), 3, hp, wp, device=tensors[0].device)
+    mask = torch.ones(len(tensors), hp, wp, dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        pixels[i, :, : t.shape[1], : t.shape[2]] = t
+        mask[i, : t.shape[1], : t.shape[2]] = False
+    return pixels, mask
+
+
+def postprocess(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    conf: float = 0.3,
+    max_det: int = 100,
+    classes: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[sv.Detections]:
+    """Model outputs -> per-image detections in pixels of the original images.
+
+    logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, sizes [(h, w)] of the original images.
+    Top-``max_det`` over all Q*C sigmoid scores (a query may yield several labels), then the
+    ``conf`` threshold; ``classes`` keeps only those label ids (applied before top-k).
+    """
+    prob = logits.float().sigmoid()
+    b, q, c = prob.shape
+    if classes is not None:
+        keep = torch.zeros(c, dtype=torch.bool, device=prob.device)
+        keep[[k for k in classes if 0 <= k < c]] = True
+        prob = prob * keep
+    k = min(max_det, q * c)
+    scores, idx = prob.view(b, -1).topk(k, dim=1)
+    query, labels = idx // c, idx % c
+    cx, cy, w, h = boxes.float().unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    out = []
+    for i, (ih, iw) in enumerate(sizes):
+        sel = torch.gather(xyxy[i], 0, query[i][:, None].expand(-1, 4))
+        sel = sel * torch.tensor([iw, ih, iw, ih], dtype=sel.dtype, device=sel.device)
+        sel[:, 0::2] = sel[:, 0::2].clamp(0, iw)
+        sel[:, 1::2] = sel[:, 1::2].clamp(0, ih)
+        ok = scores[i] > conf
+        lab = labels[i][ok].cpu().numpy().astype(int)
+        data: dict[str, Any] = {}
+        if class_names is not None:
+            data["class_name"] = np.array([class_names[j] if j < len(class_names) and class_names[j] else str(j) for j in lab], dtype=object)
+        out.append(
+            sv.Detections(
+                xyxy=sel[ok].cpu().numpy().astype(np.float32).reshape(-1, 4),
+                confidence=scores[i][ok].cpu().numpy().astype(np.float32),
+                class_id=lab,
+                data=data,
+            )
+        )
+    return out
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> first CUDA GPU if there is one, else CPU; otherwise as given (validated)."""
+    if device in (None, "auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+class Detector:
+    """A loaded model plus its pre/post-processing, batched."""
+
+    def __init__(
+        self,
+        model: DeformableDETR,
+        device: str | torch.device | None = "auto",
+        half: bool = False,
+        imgsz: int = 800,
+        max_size: int | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        if half and self.device.type != "cuda":
+            raise ValueError("--half needs a CUDA device")
+        self.half = half
+        self.imgsz = imgsz
+        # the reference 800/1333 pair, scaled with the requested short side
+        self.max_size = max_size if max_size is not None else int(round(imgsz * 1333 / 800))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None, **kw: Any) -> "Detector":
+        from .registry import resolve
+        from .weights import load_model
+
+        return cls(load_model(resolve(name_or_path)), **kw)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.cfg.label_name(i) for i in range(self.cfg.num_classes)]
+
+    def _autocast(self):
+        if self.half:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def forward_arrays(self, images: Sequence[np.ndarray]) -> dict:
+        """RGB uint8 arrays -> raw model outputs (``logits``, ``boxes``) of one batch."""
+        pixels, mask = preprocess(images, self.imgsz, self.max_size, self.device)
+        with self._autocast():
+            return self.model(pixels, mask)
+
+    def predict_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+    ) -> list[sv.Detections]:
+        """One batch of RGB uint8 arrays -> detections per image."""
+        out = self.forward_arrays(images)
+        sizes = [im.shape[:2] for im in images]
+        return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names)
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ) -> list[sv.Detections]:
+        if isinstance(images, (str, Path, np.ndarray, Image.Image)):
+            images = [images]
+        arrays = [read_image(im) for im in images]
+        out: list[sv.Detections] = []
+        for i in range(0, len(arrays), max(1, batch_size)):
+            out += self.predict_arrays(arrays[i : i + batch_size], conf, max_det, classes)
+        return out
+
+    def class_ids(self, names_or_ids: Sequence[str | int]) -> list[int]:
+        """Class names (case-insensitive) or ids -> label ids; unknown names raise ValueError."""
+        lookup = {n.lower(): i for i, n in enumerate(self.class_names) if n}
+        ids = []
+        for item in names_or_ids:
+            s = str(item).strip()
+            if s.isdigit():
+                ids.append(int(s))
+            elif s.lower() in lookup:
+                ids.append(lookup[s.lower()])
+            else:
+                raise ValueError(f"unknown class {s!r}; the model knows: {', '.join(n for n in self.class_names if n)}")
+        return ids

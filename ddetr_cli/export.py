@@ -1,0 +1,178 @@
+"""Writing detections: COCO JSON for labeling tools, YOLO txt, Pascal VOC xml, annotated images.
+
+The COCO file is a *dataset* (images, categories from id 1, annotations with score) because that
+is what CVAT and Label Studio import; ``category_id`` 0 would be dropped by CVAT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import supervision as sv
+
+from .classes import coco_supercategory
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def category_table(class_names: Sequence[str]) -> tuple[list[dict], dict[int, int]]:
+    """Model label names -> (COCO categories, label -> category id).
+
+    Models whose slot 0 is unnamed (the COCO convention of the published weights: label index =
+    COCO id) keep their ids; others number labels from 1. Unnamed slots get no category.
+    """
+    coco_style = len(class_names) > 1 and not class_names[0]
+    cats, mapping = [], {}
+    for label, name in enumerate(class_names):
+        if not name:
+            continue
+        cid = label if coco_style else label + 1
+        mapping[label] = cid
+        cats.append({"id": cid, "name": name, "supercategory": coco_supercategory(cid) if coco_style else "object"})
+    return cats, mapping
+
+
+class CocoWriter:
+    """Accumulates images and detections; ``write`` dumps a valid COCO dataset at any time."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.categories, self.label_to_cat = category_table(class_names)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+
+    def add(self, file_name: str, width: int, height: int, dets: sv.Detections) -> int:
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
+        for xyxy, score, label in zip(dets.xyxy, dets.confidence, dets.class_id):
+            cat = self.label_to_cat.get(int(label))
+            if cat is None:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in xyxy)
+            w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
+            self.annotations.append(
+                {
+                    "id": len(self.annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)],
+                    "area": round(w * h, 2),
+                    "iscrowd": 0,
+                    "segmentation": [],
+                    "score": round(float(score), 5),
+                }
+            )
+        return image_id
+
+    def to_dict(self, info: dict[str, Any] | None = None) -> dict:
+        return {
+            "info": info or {},
+            "licenses": [],
+            "images": self.images,
+            "categories": self.categories,
+            "annotations": self.annotations,
+        }
+
+    def write(self, path: Path, info: dict[str, Any] | None = None) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(info)))
+
+
+def yolo_lines(dets: sv.Detections, width: int, height: int) -> str:
+    """YOLO txt: ``class cx cy w h`` normalised, class = model label id."""
+    rows = []
+    for (x1, y1, x2, y2), label in zip(dets.xyxy, dets.class_id):
+        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+        w, h = (x2 - x1) / width, (y2 - y1) / height
+        rows.append(f"{int(label)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+    return "\n".join(rows) + ("\n" if rows else "")
+
+
+def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, class_names: Sequence[str]) -> str:
+    """Pascal VOC annotation; pixel coordinates are 1-based inclusive as in the devkit."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "images"
+    ET.SubElement(root, "filename").text = file_name
+    size = ET.SubElement(root, "size")
+    for tag, v in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(v)
+    ET.SubElement(root, "segmented").text = "0"
+    for (x1, y1, x2, y2), label, score in zip(dets.xyxy, dets.class_id, dets.confidence):
+        obj = ET.SubElement(root, "object")
+        label = int(label)
+        ET.SubElement(obj, "name").text = class_names[label] if label < len(class_names) and class_names[label] else str(label)
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = "0"
+        ET.SubElement(obj, "difficult").text = "0"
+        ET.SubElement(obj, "confidence").text = f"{float(score):.5f}"
+        bb = ET.SubElement(obj, "bndbox")
+        ET.SubElement(bb, "xmin").text = str(int(round(x1)) + 1)
+        ET.SubElement(bb, "ymin").text = str(int(round(y1)) + 1)
+        ET.SubElement(bb, "xmax").text = str(max(int(round(x2)), int(round(x1)) + 1))
+        ET.SubElement(bb, "ymax").text = str(max(int(round(y2)), int(round(y1)) + 1))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+class Annotator:
+    """Boxes with class names and scores (and track ids when present) drawn with supervision."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+        self.box = sv.BoxAnnotator(thickness=2)
+        self.label = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
+
+    def labels(self, dets: sv.Detections) -> list[str]:
+        out = []
+        for i, (label, score) in enumerate(zip(dets.class_id, dets.confidence)):
+            label = int(label)
+            name = self.class_names[label] if label < len(self.class_names) and self.class_names[label] else str(label)
+            tid = f"#{int(dets.tracker_id[i])} " if dets.tracker_id is not None else ""
+            out.append(f"{tid}{name} {float(score):.2f}")
+        return out
+
+    def draw(self, image_bgr: np.ndarray, dets: sv.Detections) -> np.ndarray:
+        """(H, W, 3) uint8 BGR -> annotated copy."""
+        frame = image_bgr.copy()
+        if len(dets) == 0:
+            return frame
+        frame = self.box.annotate(frame, dets)
+        return self.label.annotate(frame, dets, labels=self.labels(dets))
+
+
+def write_image(path: Path, image_bgr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if not cv2.imwrite(str(tmp), image_bgr):
+        raise OSError(f"cannot write {path}")
+    os.replace(tmp, path)
+
+
+def next_run_dir(parent: Path, stem: str = "exp") -> Path:
+    """parent/exp, then exp2, exp3, ... (never an existing folder); created empty."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        d = parent / (stem if n == 1 else f"{stem}{n}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            n += 1
