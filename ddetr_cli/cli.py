@@ -240,7 +240,135 @@ def _detect_summary(res) -> None:
 
 
 # -- eval ---------------------------------------------------------------------------------------
-# (eval command goes here)
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With 'coco': a folder holding val2017/ and annotations/instances_val2017.json (default: download once into the cache).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split to score (val, test, train, ...).")] = "val",
+    conf: Annotated[float, typer.Option(help="Score threshold. Default none: the reference scores the top --max-det per image.", min=0.0, max=1.0)] = 0.0,
+    max_det: Annotated[int, typer.Option("--max-det", help="Detections kept per image (COCO scores at most 100).", min=1)] = 100,
+    imgsz: Annotated[int, typer.Option(help="Short side the images are resized to.", min=32)] = 800,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/eval/expN, never overwritten).")] = None,
+    save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data.
+
+    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json.
+
+    Examples:
+
+      ddetr eval coco --model deformable-detr --batch 8
+
+      ddetr eval coco --data /datasets/coco --max-images 500
+
+      ddetr eval ./mydata --model runs/finetune/exp/weights/best.safetensors --json
+    """
+    from .coco_data import CocoUnavailable, ensure_val2017
+    from .data import load_dataset
+    from .detector import Detector
+    from .evaluate import EvalError, evaluate
+    from .export import next_run_dir
+
+    show = not (quiet or as_json)
+    try:
+        if dataset.lower() == "coco":
+            root = ensure_val2017(data, progress=_download_progress(show))
+            ds = load_dataset(root, split="val", format="coco")
+        else:
+            if data is not None:
+                raise UserError("--data goes with 'coco'; give your dataset folder as the argument instead")
+            ds = load_dataset(Path(dataset), split=split)
+        if show:
+            console.print(f"[bold]{ds.root}[/] ({ds.format}, {ds.split}): " + "; ".join(ds.report.summary()), highlight=False)
+        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
+    except (CocoUnavailable, ValueError) as e:
+        if isinstance(e, _known_errors()):
+            raise
+        raise UserError(str(e)) from None
+    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/eval"))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not show)
+    with progress:
+        task = progress.add_task("eval", total=min(len(ds), max_images or len(ds)))
+        try:
+            res = evaluate(det, ds, batch=batch, max_images=max_images, conf=conf, max_det=max_det, out_dir=run_dir,
+                           save_predictions=save_predictions,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except EvalError as e:
+            raise UserError(str(e)) from None
+    res.settings["model"] = model or "default"
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    elif not quiet:
+        _eval_summary(res)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _download_progress(show: bool):
+    """A callback drawing one rich download bar per file (None when output is off)."""
+    if not show:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bars: dict[str, tuple[Progress, int]] = {}
+
+    def cb(name: str, done: int, total: int | None) -> None:
+        if name not in bars:
+            for p, _ in bars.values():
+                p.stop()
+            p = Progress(TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                         TimeRemainingColumn(), console=console)
+            p.start()
+            bars[name] = (p, p.add_task(name, total=total, completed=done))
+        p, task = bars[name]
+        p.update(task, completed=done, total=total)
+        if total is not None and done >= total:
+            p.stop()
+
+    return cb
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _eval_summary(res) -> None:
+    from .evaluate import METRIC_HELP
+
+    ds = res.dataset
+    t = Table(title=f"ddetr eval: {res.images} images, {ds.get('boxes', 0)} boxes, {res.detections} detections",
+              title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("", style="dim")
+    for k, v in res.metrics.items():
+        t.add_row(f"[bold]{k}[/]" if k == "AP" else k, _fmt(v), METRIC_HELP.get(k, ""))
+    console.print(t)
+    c = Table(title="per-class AP", title_justify="left")
+    for col, just in (("class", "left"), ("instances", "right"), ("AP", "right"), ("AP50", "right"), ("AP75", "right")):
+        c.add_column(col, justify=just)
+    for r in sorted(res.per_class, key=lambda r: -(r["AP"] if r["AP"] is not None else -1)):
+        name = r["class"] if r.get("in_model", True) else f"{r['class']} [dim](not in model)[/]"
+        c.add_row(name, str(r["instances"]), _fmt(r["AP"]), _fmt(r["AP50"]), _fmt(r["AP75"]))
+    console.print(c)
+    s = res.speed
+    console.print(f"speed per image: decode {s['decode_ms']:.1f} ms, preprocess {s['preprocess_ms']:.1f} ms, "
+                  f"model {s['inference_ms']:.1f} ms, postprocess {s['postprocess_ms']:.1f} ms; "
+                  f"{s['images_per_second']:.2f} img/s overall", highlight=False)
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>11}: {path}", highlight=False)
 
 
 # -- finetune -----------------------------------------------------------------------------------
@@ -328,26 +456,12 @@ def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights p
 
 
 def main() -> None:
-    """Console entry point: run the app, mapping known failures to one line and an exit code."""
+    """Console entry point: Typer handles usage errors and exits; known failures become one line."""
     try:
-        # without standalone mode click returns Exit codes instead of exiting
-        rv = app(standalone_mode=False)
-        sys.exit(rv if isinstance(rv, int) else 0)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except Exception as e:  # typer/click usage errors carry their own formatting
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(e, _known_errors()):
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(2 if isinstance(e, UserError) else 1)
-        raise
+        app()
+    except _known_errors() as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 if __name__ == "__main__":

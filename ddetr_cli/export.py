@@ -67,13 +67,15 @@ class CocoWriter:
             if cat is None:
                 continue
             x1, y1, x2, y2 = (float(v) for v in xyxy)
-            w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
+            # area from the rounded box, so the file is self-consistent
+            x1, y1 = round(x1, 2), round(y1, 2)
+            w, h = round(max(0.0, x2 - x1), 2), round(max(0.0, y2 - y1), 2)
             self.annotations.append(
                 {
                     "id": len(self.annotations) + 1,
                     "image_id": image_id,
                     "category_id": cat,
-                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)],
+                    "bbox": [x1, y1, w, h],
                     "area": round(w * h, 2),
                     "iscrowd": 0,
                     "segmentation": [],

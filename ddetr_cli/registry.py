@@ -148,6 +148,8 @@ def resolve(name_or_path: str | Path | None) -> Path:
         return pull(target)
     if entry is not None:
         raise ModelNotAvailable(f"model {target!r} points to {entry.path}, which no longer exists")
+    if "/" in target or p.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
+        raise ModelNotAvailable(f"weights not found: {target}")
     raise ModelNotAvailable(
         f"no model or file named {target!r}; `ddetr weights list` shows the names, or pass a weights path"
     )
