@@ -231,14 +231,15 @@ def extract(archive: Path, dest: Path, prefixes: Sequence[str]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_val2017(data: Path | None = None, *, cache: Path | None = None, files: Sequence[RemoteFile] = VAL2017,
+def ensure_val2017(data: Path | None = None, *, cache: Path | None = None, files: Sequence[RemoteFile] | None = None,
                    url: str | None = None, progress: Progress | None = None, retries: int = 3,
                    keep_archives: bool = False) -> Path:
     """A folder with val2017/ and annotations/instances_val2017.json.
 
     ``data`` given: it is checked and returned. Otherwise the cache is used, downloading what
     is missing from ``url`` (default ``DDETR_COCO_URL`` or the COCO server); a broken transfer
-    is resumed up to ``retries`` times. Raises CocoUnavailable with one line on failure.
+    is resumed up to ``retries`` times. ``files`` defaults to ``VAL2017`` (the official archives).
+    Raises CocoUnavailable with one line on failure.
     """
     if data is not None:
         return check_folder(data)
@@ -246,7 +247,7 @@ def ensure_val2017(data: Path | None = None, *, cache: Path | None = None, files
     if not missing_parts(root):
         return root
     base = (url or base_url()).rstrip("/")
-    todo = [f for f in files if not _unpacked(root, f)]
+    todo = [f for f in (VAL2017 if files is None else files) if not _unpacked(root, f)]
     _check_space(root, todo)
     for f in todo:
         archive = root / f.name
