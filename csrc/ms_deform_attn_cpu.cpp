@@ -6,7 +6,8 @@
 // Forward is parallel over (n, q, m); backward over (n, m) so that each thread owns the slice
 // grad_value[n, :, m, :] and accumulates into it without races, in a fixed order (deterministic).
 // The channel loops run over contiguous rows value[n, s, m, :] and are written for the compiler to
-// vectorise; invalid corners point at a row of zeros instead of branching inside the loop.
+// vectorise; invalid corners point at a row of zeros instead of branching inside the loop. The
+// corner geometry of all L*P points of a query is computed first, in a loop across points.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -25,47 +26,83 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
 
 namespace {
 
-// The four bilinear corners of one sampling point, in the order (y0, x0), (y0, x1), (y1, x0),
-// (y1, x1). `ptr[c]` is the value row of corner c, or the zero row when the corner is outside.
+// Per sampling point j = l * P + p, the level it samples: size (as float and int) and the
+// position of its first pixel in value.
 template <typename scalar_t>
-struct Corners {
-  const scalar_t* ptr[4];
-  scalar_t w[4];
-  bool valid[4];
-  scalar_t fx, fy;
+struct LevelTable {
+  std::vector<scalar_t> Wf, Hf;
+  std::vector<int32_t> Wi, start;
+
+  LevelTable(const int64_t* shapes, const int64_t* starts, int64_t L, int64_t P)
+      : Wf(L * P), Hf(L * P), Wi(L * P), start(L * P) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t p = 0; p < P; ++p) {
+        Hf[l * P + p] = static_cast<scalar_t>(shapes[2 * l]);
+        Wf[l * P + p] = static_cast<scalar_t>(shapes[2 * l + 1]);
+        Wi[l * P + p] = static_cast<int32_t>(shapes[2 * l + 1]);
+        start[l * P + p] = static_cast<int32_t>(starts[l]);
+      }
+    }
+  }
 };
 
-// Returns false when no corner of the point lies inside the H x W level (the sample is zero).
+// Bilinear corners of the LP points of one (n, q, m), corner c in the order (y0, x0), (y0, x1),
+// (y1, x0), (y1, x1): pixel index idx[c][j] in [0, S) or -1 when the corner lies outside its
+// level, and weight w[c][j] (0 when outside). fx/fy: fractional position, 0 for points with no
+// corner inside. Branch-free so that the compiler vectorises it across points.
 template <typename scalar_t>
-inline bool corners_of(scalar_t lx, scalar_t ly, int64_t H, int64_t W, const scalar_t* level_base,
-                       int64_t row_stride, const scalar_t* zero, Corners<scalar_t>& c) {
-  const scalar_t x = lx * static_cast<scalar_t>(W) - scalar_t(0.5);
-  const scalar_t y = ly * static_cast<scalar_t>(H) - scalar_t(0.5);
-  // Written so that NaN locations also take the early exit.
-  if (!(x > scalar_t(-1) && y > scalar_t(-1) && x < static_cast<scalar_t>(W) &&
-        y < static_cast<scalar_t>(H))) {
-    return false;
+struct PointBuffers {
+  std::vector<int32_t> idx;  // 4 * LP
+  std::vector<scalar_t> w;   // 4 * LP
+  std::vector<scalar_t> fx, fy;
+  explicit PointBuffers(int64_t LP) : idx(4 * LP), w(4 * LP), fx(LP), fy(LP) {}
+};
+
+template <typename scalar_t>
+inline void prepare_points(const scalar_t* __restrict__ lp, int64_t LP, const LevelTable<scalar_t>& t,
+                           PointBuffers<scalar_t>& b) {
+  const scalar_t* __restrict__ Wf = t.Wf.data();
+  const scalar_t* __restrict__ Hf = t.Hf.data();
+  const int32_t* __restrict__ Wi = t.Wi.data();
+  const int32_t* __restrict__ st = t.start.data();
+  int32_t* __restrict__ i0 = b.idx.data();
+  int32_t* __restrict__ i1 = i0 + LP;
+  int32_t* __restrict__ i2 = i1 + LP;
+  int32_t* __restrict__ i3 = i2 + LP;
+  scalar_t* __restrict__ w0 = b.w.data();
+  scalar_t* __restrict__ w1 = w0 + LP;
+  scalar_t* __restrict__ w2 = w1 + LP;
+  scalar_t* __restrict__ w3 = w2 + LP;
+  scalar_t* __restrict__ fxs = b.fx.data();
+  scalar_t* __restrict__ fys = b.fy.data();
+#pragma omp simd
+  for (int64_t j = 0; j < LP; ++j) {
+    const scalar_t W = Wf[j], H = Hf[j];
+    // grid_sample(align_corners=False): normalised 0..1 spans the pixels' outer edges.
+    const scalar_t x = lp[2 * j] * W - scalar_t(0.5);
+    const scalar_t y = lp[2 * j + 1] * H - scalar_t(0.5);
+    const scalar_t xf = std::floor(x), yf = std::floor(y);
+    // Validity from the float corner coordinates (false for NaN); & and | keep the loop
+    // free of branches.
+    const bool vx0 = xf >= 0 & xf <= W - 1, vx1 = xf >= -1 & xf <= W - 2;
+    const bool vy0 = yf >= 0 & yf <= H - 1, vy1 = yf >= -1 & yf <= H - 2;
+    const bool any = (vx0 | vx1) & (vy0 | vy1);
+    const scalar_t fx = any ? x - xf : scalar_t(0), fy = any ? y - yf : scalar_t(0);
+    // Clamped before the integer conversion so that NaN/huge coordinates stay defined.
+    const scalar_t xc = xf > scalar_t(-1) ? (xf < W ? xf : W) : scalar_t(-1);
+    const scalar_t yc = yf > scalar_t(-1) ? (yf < H ? yf : H) : scalar_t(-1);
+    const int32_t base = st[j] + static_cast<int32_t>(yc) * Wi[j] + static_cast<int32_t>(xc);
+    i0[j] = vy0 & vx0 ? base : -1;
+    i1[j] = vy0 & vx1 ? base + 1 : -1;
+    i2[j] = vy1 & vx0 ? base + Wi[j] : -1;
+    i3[j] = vy1 & vx1 ? base + Wi[j] + 1 : -1;
+    w0[j] = vy0 & vx0 ? (1 - fx) * (1 - fy) : scalar_t(0);
+    w1[j] = vy0 & vx1 ? fx * (1 - fy) : scalar_t(0);
+    w2[j] = vy1 & vx0 ? (1 - fx) * fy : scalar_t(0);
+    w3[j] = vy1 & vx1 ? fx * fy : scalar_t(0);
+    fxs[j] = fx;
+    fys[j] = fy;
   }
-  const scalar_t xf = std::floor(x), yf = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
-  const int64_t x1 = x0 + 1, y1 = y0 + 1;
-  const scalar_t fx = x - xf, fy = y - yf;
-  c.fx = fx;
-  c.fy = fy;
-  c.w[0] = (1 - fx) * (1 - fy);
-  c.w[1] = fx * (1 - fy);
-  c.w[2] = (1 - fx) * fy;
-  c.w[3] = fx * fy;
-  const bool vx0 = x0 >= 0, vx1 = x1 < W, vy0 = y0 >= 0, vy1 = y1 < H;
-  c.valid[0] = vy0 && vx0;
-  c.valid[1] = vy0 && vx1;
-  c.valid[2] = vy1 && vx0;
-  c.valid[3] = vy1 && vx1;
-  c.ptr[0] = c.valid[0] ? level_base + (y0 * W + x0) * row_stride : zero;
-  c.ptr[1] = c.valid[1] ? level_base + (y0 * W + x1) * row_stride : zero;
-  c.ptr[2] = c.valid[2] ? level_base + (y1 * W + x0) * row_stride : zero;
-  c.ptr[3] = c.valid[3] ? level_base + (y1 * W + x1) * row_stride : zero;
-  return true;
 }
 
 struct Dims {
@@ -80,38 +117,45 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   const int64_t D = DC > 0 ? DC : d.D;
   const int64_t row = d.M * D;
   const int64_t LP = d.L * d.P;
+  const LevelTable<scalar_t> table(shapes, starts, d.L, d.P);
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(LP, 1));
+  // Items (n, q, m) in memory order: the heads of one query read neighbouring parts of the same
+  // value rows, and neighbouring queries sample neighbouring pixels.
   at::parallel_for(0, d.N * d.Lq * d.M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> zero(D, scalar_t(0));
-    Corners<scalar_t> c;
+    const std::vector<scalar_t> zero(D, scalar_t(0));
+    PointBuffers<scalar_t> b(LP);
+    int64_t n = begin / (d.Lq * d.M), m = begin % d.M;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / (d.Lq * d.M), m = i % d.M;
       const scalar_t* vbase = value + n * d.S * row + m * D;
-      const scalar_t* lp = loc + i * LP * 2;
       const scalar_t* ap = attn + i * LP;
       scalar_t* op = out + i * D;
+      prepare_points(loc + i * LP * 2, LP, table, b);
+      const int32_t* idx = b.idx.data();
+      const scalar_t* w = b.w.data();
       scalar_t acc_fixed[DC > 0 ? DC : 1];
       scalar_t* acc = DC > 0 ? acc_fixed : op;
       for (int64_t k = 0; k < D; ++k) acc[k] = 0;
-      for (int64_t l = 0; l < d.L; ++l) {
-        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-        const scalar_t* lbase = vbase + starts[l] * row;
-        for (int64_t p = 0; p < d.P; ++p, lp += 2, ++ap) {
-          if (!corners_of(lp[0], lp[1], H, W, lbase, row, zero.data(), c)) continue;
-          const scalar_t a = *ap;
-          const scalar_t w0 = a * c.w[0], w1 = a * c.w[1], w2 = a * c.w[2], w3 = a * c.w[3];
-          const scalar_t* __restrict__ p0 = c.ptr[0];
-          const scalar_t* __restrict__ p1 = c.ptr[1];
-          const scalar_t* __restrict__ p2 = c.ptr[2];
-          const scalar_t* __restrict__ p3 = c.ptr[3];
+      for (int64_t j = 0; j < LP; ++j) {
+        const int32_t c0 = idx[j], c1 = idx[LP + j], c2 = idx[2 * LP + j], c3 = idx[3 * LP + j];
+        if ((c0 & c1 & c2 & c3) < 0) continue;  // all four corners outside
+        const scalar_t a = ap[j];
+        const scalar_t a0 = a * w[j], a1 = a * w[LP + j], a2 = a * w[2 * LP + j],
+                       a3 = a * w[3 * LP + j];
+        const scalar_t* __restrict__ p0 = c0 >= 0 ? vbase + c0 * row : zero.data();
+        const scalar_t* __restrict__ p1 = c1 >= 0 ? vbase + c1 * row : zero.data();
+        const scalar_t* __restrict__ p2 = c2 >= 0 ? vbase + c2 * row : zero.data();
+        const scalar_t* __restrict__ p3 = c3 >= 0 ? vbase + c3 * row : zero.data();
 #pragma omp simd
-          for (int64_t k = 0; k < D; ++k) {
-            acc[k] += w0 * p0[k] + w1 * p1[k] + w2 * p2[k] + w3 * p3[k];
-          }
+        for (int64_t k = 0; k < D; ++k) {
+          acc[k] += a0 * p0[k] + a1 * p1[k] + a2 * p2[k] + a3 * p3[k];
         }
       }
       if (DC > 0) {
         for (int64_t k = 0; k < D; ++k) op[k] = acc[k];
+      }
+      if (++m == d.M) {
+        m = 0;
+        if ((i + 1) % (d.Lq * d.M) == 0) ++n;
       }
     }
   });
@@ -125,9 +169,10 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
   const int64_t D = DC > 0 ? DC : d.D;
   const int64_t row = d.M * D;
   const int64_t LP = d.L * d.P;
+  const LevelTable<scalar_t> table(shapes, starts, d.L, d.P);
   at::parallel_for(0, d.N * d.M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> zero(D, scalar_t(0));
-    Corners<scalar_t> c;
+    const std::vector<scalar_t> zero(D, scalar_t(0));
+    PointBuffers<scalar_t> b(LP);
     for (int64_t nm = begin; nm < end; ++nm) {
       const int64_t n = nm / d.M, m = nm % d.M;
       const scalar_t* vbase = value + n * d.S * row + m * D;
@@ -135,43 +180,43 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
       for (int64_t q = 0; q < d.Lq; ++q) {
         const int64_t i = (n * d.Lq + q) * d.M + m;
         const scalar_t* __restrict__ go = grad_out + i * D;
-        const scalar_t* lp = loc + i * LP * 2;
         const scalar_t* ap = attn + i * LP;
         scalar_t* glp = grad_loc + i * LP * 2;
         scalar_t* gap = grad_attn + i * LP;
-        for (int64_t l = 0; l < d.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          const int64_t lofs = starts[l] * row;
-          for (int64_t p = 0; p < d.P; ++p, lp += 2, ++ap, glp += 2, ++gap) {
-            // Outside points keep the zeros the gradient buffers were created with.
-            if (!corners_of(lp[0], lp[1], H, W, vbase + lofs, row, zero.data(), c)) continue;
-            const scalar_t* __restrict__ p0 = c.ptr[0];
-            const scalar_t* __restrict__ p1 = c.ptr[1];
-            const scalar_t* __restrict__ p2 = c.ptr[2];
-            const scalar_t* __restrict__ p3 = c.ptr[3];
-            scalar_t g0 = 0, g1 = 0, g2 = 0, g3 = 0;  // <grad_out, corner row>
+        prepare_points(loc + i * LP * 2, LP, table, b);
+        const int32_t* idx = b.idx.data();
+        const scalar_t* w = b.w.data();
+        for (int64_t j = 0; j < LP; ++j) {
+          const int32_t c[4] = {idx[j], idx[LP + j], idx[2 * LP + j], idx[3 * LP + j]};
+          // Points with no corner inside keep the zeros the gradient buffers were created with.
+          if ((c[0] & c[1] & c[2] & c[3]) < 0) continue;
+          const scalar_t* __restrict__ p0 = c[0] >= 0 ? vbase + c[0] * row : zero.data();
+          const scalar_t* __restrict__ p1 = c[1] >= 0 ? vbase + c[1] * row : zero.data();
+          const scalar_t* __restrict__ p2 = c[2] >= 0 ? vbase + c[2] * row : zero.data();
+          const scalar_t* __restrict__ p3 = c[3] >= 0 ? vbase + c[3] * row : zero.data();
+          scalar_t g0 = 0, g1 = 0, g2 = 0, g3 = 0;  // <grad_out, corner row>
 #pragma omp simd reduction(+ : g0, g1, g2, g3)
-            for (int64_t k = 0; k < D; ++k) {
-              g0 += go[k] * p0[k];
-              g1 += go[k] * p1[k];
-              g2 += go[k] * p2[k];
-              g3 += go[k] * p3[k];
-            }
-            const scalar_t a = *ap;
-            const scalar_t fx = c.fx, fy = c.fy;
-            *gap = c.w[0] * g0 + c.w[1] * g1 + c.w[2] * g2 + c.w[3] * g3;
-            // d sample / d x_pixel and d y_pixel; x_pixel = x * W - 0.5.
-            const scalar_t gx = (1 - fy) * (g1 - g0) + fy * (g3 - g2);
-            const scalar_t gy = (1 - fx) * (g2 - g0) + fx * (g3 - g1);
-            glp[0] = a * static_cast<scalar_t>(W) * gx;
-            glp[1] = a * static_cast<scalar_t>(H) * gy;
-            for (int cc = 0; cc < 4; ++cc) {
-              if (!c.valid[cc]) continue;
-              scalar_t* __restrict__ gv = gvbase + (c.ptr[cc] - vbase);
-              const scalar_t s = a * c.w[cc];
+          for (int64_t k = 0; k < D; ++k) {
+            g0 += go[k] * p0[k];
+            g1 += go[k] * p1[k];
+            g2 += go[k] * p2[k];
+            g3 += go[k] * p3[k];
+          }
+          const scalar_t a = ap[j];
+          const scalar_t fx = b.fx[j], fy = b.fy[j];
+          const scalar_t wc[4] = {w[j], w[LP + j], w[2 * LP + j], w[3 * LP + j]};
+          gap[j] = wc[0] * g0 + wc[1] * g1 + wc[2] * g2 + wc[3] * g3;
+          // d sample / d pixel coordinate; the pixel x is x_norm * W - 0.5.
+          const scalar_t gx = (1 - fy) * (g1 - g0) + fy * (g3 - g2);
+          const scalar_t gy = (1 - fx) * (g2 - g0) + fx * (g3 - g1);
+          glp[2 * j] = a * table.Wf[j] * gx;
+          glp[2 * j + 1] = a * table.Hf[j] * gy;
+          for (int cc = 0; cc < 4; ++cc) {
+            if (c[cc] < 0) continue;
+            scalar_t* __restrict__ gv = gvbase + c[cc] * row;
+            const scalar_t s = a * wc[cc];
 #pragma omp simd
-              for (int64_t k = 0; k < D; ++k) gv[k] += s * go[k];
-            }
+            for (int64_t k = 0; k < D; ++k) gv[k] += s * go[k];
           }
         }
       }
@@ -188,6 +233,12 @@ void with_channels(int64_t D, F&& f) {
     case 64: f(std::integral_constant<int, 64>{}); break;
     default: f(std::integral_constant<int, 0>{}); break;
   }
+}
+
+// Pixel indices are int32 inside the kernels (int64 once multiplied by the row stride).
+void check_index_range(const Dims& d) {
+  TORCH_CHECK_VALUE(d.S < (int64_t(1) << 31) - 1,
+                    "ms_deform_attn (CPU): value.size(1) = S must be below 2**31, got ", d.S);
 }
 
 Dims dims_of(const at::Tensor& value, const at::Tensor& loc) {
@@ -207,6 +258,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, const at::Tensor& spatia
   const auto loc = sampling_locations_.contiguous();
   const auto attn = attention_weights_.contiguous();
   const Dims d = dims_of(value, loc);
+  check_index_range(d);
   auto out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
@@ -232,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto loc = sampling_locations_.contiguous();
   const auto attn = attention_weights_.contiguous();
   const Dims d = dims_of(value, loc);
+  check_index_range(d);
   auto grad_value = at::zeros_like(value);
   auto grad_loc = at::zeros_like(loc);
   auto grad_attn = at::zeros_like(attn);

@@ -257,7 +257,7 @@ def find_cuda_toolkit() -> dict | None:
 
 
 def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
     return flags
