@@ -393,7 +393,11 @@ def eval_cmd(
     show = not (quiet or as_json)
     try:
         if dataset.lower() == "coco":
-            root = ensure_val2017(data, progress=_download_progress(show))
+            bars = _DownloadBars(show)
+            try:
+                root = ensure_val2017(data, progress=bars)
+            finally:
+                bars.close()
             ds = load_dataset(root, split="val", format="coco")
         else:
             if data is not None:
@@ -428,28 +432,30 @@ def eval_cmd(
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
-def _download_progress(show: bool):
-    """A callback drawing one rich download bar per file (None when output is off)."""
-    if not show:
-        return None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+class _DownloadBars:
+    """One rich download bar per file; ``close`` stops any still drawn (also after a failure)."""
 
-    bars: dict[str, tuple[Progress, int]] = {}
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.bars: dict[str, tuple] = {}
 
-    def cb(name: str, done: int, total: int | None) -> None:
-        if name not in bars:
-            for p, _ in bars.values():
-                p.stop()
+    def __call__(self, name: str, done: int, total: Optional[int]) -> None:
+        if not self.show:
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        if name not in self.bars:
+            self.close()
             p = Progress(TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                          TimeRemainingColumn(), console=console)
             p.start()
-            bars[name] = (p, p.add_task(name, total=total, completed=done))
-        p, task = bars[name]
+            self.bars[name] = (p, p.add_task(name, total=total, completed=done))
+        p, task = self.bars[name]
         p.update(task, completed=done, total=total)
-        if total is not None and done >= total:
-            p.stop()
 
-    return cb
+    def close(self) -> None:
+        for p, _ in self.bars.values():
+            p.stop()
 
 
 def _fmt(v: Optional[float]) -> str:

@@ -51,7 +51,7 @@ VAL2017: tuple[RemoteFile, ...] = (
                "f4bbac642086de4f52a3fdda2de5fa2c", (ANNOTATIONS,)),
 )
 
-HOW_TO = ("download val2017.zip and annotations_trainval2017.zip from https://cocodataset.org/#download, "
+HOW_TO = ("To evaluate offline, download val2017.zip and annotations_trainval2017.zip from https://cocodataset.org/#download, "
           "unzip both into one folder and pass it with --data FOLDER (it needs val2017/ and "
           f"{ANNOTATIONS})")
 
@@ -259,7 +259,7 @@ def ensure_val2017(data: Path | None = None, *, cache: Path | None = None, files
                 if attempt == retries or not e.resumable:
                     raise
             except CocoUnavailable as e:
-                raise CocoUnavailable(f"COCO val2017 is not in {root} and {e}. Offline? {HOW_TO}") from None
+                raise CocoUnavailable(f"COCO val2017 is not in {root} and {e}. {HOW_TO}") from None
         extract(archive, root, f.extract)
         if not keep_archives:
             archive.unlink()
@@ -288,4 +288,4 @@ def _check_space(root: Path, todo: Sequence[RemoteFile]) -> None:
     free = shutil.disk_usage(root).free
     if free < need:
         raise CocoUnavailable(f"{root}: {free / 1e9:.1f} GB free, COCO val2017 needs about {need / 1e9:.1f} GB; "
-                              f"set DDETR_HOME to a larger disk or {HOW_TO}")
+                              f"set DDETR_HOME to a larger disk. {HOW_TO}")
