@@ -191,7 +191,7 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
             a["id"] = len(annotations) + 1  # ids must be unique for pycocotools; some exports repeat them
             annotations.append(a)
         by_id = {int(c["id"]): c for c in raw.get("categories", []) if isinstance(c, dict) and "id" in c}
-        categories = [{**by_id.get(c["id"], {}), **c} for c in categories]
+        categories = [{**c, **by_id.get(c["id"], {})} for c in categories]  # keep the file's supercategories
         return {"info": raw.get("info") or {}, "licenses": [], "images": images,
                 "annotations": annotations, "categories": categories}
     images, annotations = [], []
