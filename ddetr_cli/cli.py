@@ -285,6 +285,7 @@ def video(
     quiet = quiet or as_json
     if not (show or save or save_json):
         save_json = True
+    live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
     try:
         det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
     except ValueError as e:
@@ -305,7 +306,6 @@ def video(
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
                    track=track, show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
-    live = parse_source(source).live  # a bad source fails here, before a run folder is made
     run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/video"))
     columns = (
         [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]

@@ -94,11 +94,19 @@ def parse_source(source: str | int | Path) -> SourceSpec:
     return SourceSpec(str(p), "file", p.stem)
 
 
-def open_capture(spec: SourceSpec, timeout_s: float = 10.0) -> cv2.VideoCapture:
+def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = False) -> cv2.VideoCapture:
     """Open ``spec`` with OpenCV; a capture that is not opened is returned as is (caller checks).
 
     Network streams get open/read timeouts so a dead server fails a read instead of hanging.
+    ``quiet`` silences OpenCV's warning per failed open (reconnect attempts are logged once by us).
     """
+    if quiet:
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(min(level, cv2.utils.logging.LOG_LEVEL_ERROR))
+        try:
+            return open_capture(spec, timeout_s)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
     if spec.kind == "webcam":
         cap = cv2.VideoCapture(int(spec.target))
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # a deep driver queue is latency in latest-frame mode
@@ -259,7 +267,7 @@ class FrameReader(threading.Thread):
             if self.stop.wait(min(delay, left)):
                 return False
             left = self.reconnect_timeout - (time.monotonic() - t0)
-            cap = open_capture(self.spec, timeout_s=min(self.read_timeout, max(left, 0.5)))
+            cap = open_capture(self.spec, timeout_s=min(self.read_timeout, max(left, 0.5)), quiet=True)
             if cap.isOpened() and cap.grab():
                 self.cap = cap
                 self.reconnects += 1
@@ -280,19 +288,20 @@ class VideoWriter:
     OpenCV's mp4v. Frames are (H, W, 3) uint8 BGR of the size given here (others are resized).
 
     ``pts`` (in 1/fps units) lets live sources keep real-time spacing when frames were dropped;
-    by default frames are consecutive.
+    by default frames are consecutive. 4:2:0 video cannot have odd sides (mp4v silently crops
+    them), so an odd-sized source is padded by one edge pixel to even sides and stays H.264.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: float, codec: str = "auto") -> None:
-        self.path, self.width, self.height = Path(path), width, height
+        self.path, self.src_size = Path(path), (width, height)
+        self.width, self.height = width + width % 2, height + height % 2
         self.rate = Fraction(fps).limit_denominator(1001)
         self.frames = 0
         self._last_pts = -1
         self._av: Any = None
         self._cv: cv2.VideoWriter | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # yuv420p needs even sides; an odd-sized source keeps its size through mp4v instead
-        if codec in ("auto", "h264") and width % 2 == 0 and height % 2 == 0:
+        if codec in ("auto", "h264"):
             try:
                 self._open_av()
                 self.codec = "h264"
@@ -302,7 +311,7 @@ class VideoWriter:
                     raise
                 self._av = None
                 self.path.unlink(missing_ok=True)
-        self._cv = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), float(self.rate), (width, height))
+        self._cv = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), float(self.rate), (self.width, self.height))
         if not self._cv.isOpened():
             raise OSError(f"cannot open a video writer for {self.path}")
         self.codec = "mp4v"
@@ -322,8 +331,11 @@ class VideoWriter:
         self._av = (container, stream)
 
     def write(self, image_bgr: np.ndarray, pts: int | None = None) -> None:
-        if image_bgr.shape[:2] != (self.height, self.width):
-            image_bgr = cv2.resize(image_bgr, (self.width, self.height), interpolation=cv2.INTER_AREA)
+        sw, sh = self.src_size
+        if image_bgr.shape[:2] != (sh, sw):  # a reconnected stream may come back at another size
+            image_bgr = cv2.resize(image_bgr, (sw, sh), interpolation=cv2.INTER_AREA)
+        if (sw, sh) != (self.width, self.height):
+            image_bgr = cv2.copyMakeBorder(image_bgr, 0, self.height - sh, 0, self.width - sw, cv2.BORDER_REPLICATE)
         pts = self._last_pts + 1 if pts is None else max(int(pts), self._last_pts + 1)
         self._last_pts = pts
         self.frames += 1
