@@ -241,7 +241,7 @@ class FrameReader(threading.Thread):
                 if not self.spec.live:
                     return  # end of file
                 if not self.reconnect:
-                    self.failure = f"{self.spec.target}: stream ended or failed at frame {index} (reconnect is off)"
+                    self.log(f"stream ended at frame {index} (--no-reconnect)")
                     return
                 if not self._reconnect(index):
                     return

@@ -159,6 +159,21 @@ def test_vid_stride(clip: tuple[Path, list[dict]], tmp_path: Path) -> None:
     assert [r["frame"] for r in read_jsonl(Path(res.outputs["jsonl"]))] == list(range(0, 24, 5))
 
 
+def test_sigterm_stops_cleanly_python_api(tmp_path: Path) -> None:
+    src = tmp_path / "long.mp4"
+    synth.make_clip(src, frames=120, size=(96, 64), fps=25, seed=2)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_progress(s) -> None:
+        if s.frames == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the pipeline in this (main) thread
+
+    res = run_video(StubDetector(), src, tmp_path / "run", save=True, save_json=True, on_progress=on_progress)
+    assert res.stopped == "signal" and 10 <= res.frames < 120 and any("SIGTERM" in m for m in res.messages)
+    assert count_frames(Path(res.outputs["video"]))[0] == res.frames == len(read_jsonl(Path(res.outputs["jsonl"])))
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
 def test_cli_file_with_tiny_model(clip: tuple[Path, list[dict]], tiny_model: Path, tmp_path: Path) -> None:
     path, truth = clip
     out = tmp_path / "run"
@@ -297,6 +312,13 @@ def test_stream_reconnects_and_memory_stays_flat(tmp_path: Path) -> None:
     assert len(recs) == res.frames and all("wall" in r for r in recs[:3])
     assert count_frames(Path(res.outputs["video"]))[0] == res.frames  # one file across the reconnect
     assert rss["end"] - rss["start"] < 40, rss
+
+
+def test_stream_without_reconnect_ends_at_hangup(tmp_path: Path) -> None:
+    with MjpegServer([(90, 60)], fps=300) as server:
+        res = run_video(StubDetector(), server.url, tmp_path, save_json=True, reconnect=False, handle_signals=False)
+    assert res.stopped == "end" and res.error is None and res.reconnects == 0 and 0 < res.frames <= res.read <= 60
+    assert any("stream ended" in m for m in res.messages)
 
 
 # -- tracking -----------------------------------------------------------------------------------
