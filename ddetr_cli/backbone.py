@@ -66,8 +66,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + identity)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + identity, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -83,9 +83,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + identity)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        return F.relu(self.bn3(self.conv3(out)) + identity, inplace=True)
 
 
 class ResNet(nn.Module):
@@ -123,12 +123,38 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32 or H/16, ...)]."""
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
         x = self.layer1(x)
         c3 = self.layer2(x)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c3, c4, c5]
+
+    @torch.no_grad()
+    def fuse_bn_(self) -> "ResNet":
+        """Fold every frozen BN into the conv before it (inference only: the parameter layout
+        changes, so a fused model is not saved or trained). Saves a multiply-add pass over
+        every feature map."""
+        pairs = [(self, "conv1", "bn1")]
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                pairs += [(m, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(m, f"bn{i}")]
+                if m.downsample is not None:
+                    pairs.append((m.downsample, "0", "1"))
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            if not isinstance(bn, FrozenBatchNorm2d):
+                continue
+            scale, shift = bn.scale_shift()
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, bias=True).to(conv.weight.device, conv.weight.dtype)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            fused.bias.copy_(shift)
+            fused.requires_grad_(False)
+            setattr(owner, conv_name, fused)
+            setattr(owner, bn_name, nn.Identity())
+        self.fused = True
+        return self
 
     def freeze_stem(self) -> None:
         """Freeze conv1 and layer1, as the reference recipe trains only layer2..4."""

@@ -217,6 +217,8 @@ class Detector:
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        if not model.inference_only:
+            model.optimize_for_inference()
         if half and self.device.type != "cuda":
             raise ValueError("--half needs a CUDA device")
         self.half = half

@@ -351,6 +351,8 @@ def save_model(model: DeformableDETR, path: str | Path, extra_meta: dict[str, st
     """Write the project's own format atomically: a .safetensors with the config in its metadata."""
     from safetensors.torch import save_file
 
+    if model.inference_only:
+        raise ValueError("this model was optimised for inference (BN folded); save it before optimize_for_inference()")
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p.with_suffix(p.suffix + ".safetensors") if p.suffix else p.with_suffix(".safetensors")

@@ -1,0 +1,107 @@
+"""End-to-end Deformable DETR forward: this project vs transformers, same weights, same input.
+
+    python benchmarks/bench_model.py                 # CPU, 800x1066, multi-scale R50
+    python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 4
+
+Prints one markdown table (median ms per image, images/s, speed-up vs transformers), measured
+in one process, interleaved, on the same inputs and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--height", type=int, default=800)
+    ap.add_argument("--width", type=int, default=1066)
+    ap.add_argument("--variant", default="multi-scale")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
+    args = ap.parse_args()
+
+    from hf_reference import make_hf_model, save_hub
+
+    from ddetr_cli.op import backend_info
+    from ddetr_cli.weights import load_model
+
+    import tempfile
+
+    hf = make_hf_model(args.variant, small=False, num_labels=91)
+    with tempfile.TemporaryDirectory() as d:
+        save_hub(hf, d)
+        ours = load_model(d)
+    ours.optimize_for_inference()  # what Detector does
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = args.device
+    hf.to(dev).eval()
+    ours.to(dev).eval()
+    x = torch.randn(args.batch, 3, args.height, args.width, device=dev)
+    mask = torch.zeros(args.batch, args.height, args.width, dtype=torch.bool, device=dev)
+    ac = torch.autocast(dev.split(":")[0], dtype=dtype, enabled=args.dtype != "fp32")
+
+    @torch.inference_mode()
+    def run_ours():
+        with ac:
+            return ours(x, mask)
+
+    @torch.inference_mode()
+    def run_hf():
+        with ac:
+            return hf(pixel_values=x, pixel_mask=(~mask).long())
+
+    rows = []
+    t_ours = timeit(run_ours, dev, args.repeats)
+    rows.append(("ddetr (" + backend_info()["backend"] + " op)", t_ours))
+    if not args.no_hf:
+        t_hf = timeit(run_hf, dev, args.repeats)
+        rows.append(("transformers 4.x", t_hf))
+        with torch.inference_mode():
+            a, b = run_ours(), run_hf()
+        diff = (a["logits"].float() - b.logits.float()).abs().max().item()
+    base = dict(rows).get("transformers 4.x")
+    dev_name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {args.dtype}, {dev} ({dev_name}), torch {torch.__version__}\n")
+    print("| implementation | ms / batch | images / s | speed-up vs transformers |")
+    print("|---|---:|---:|---:|")
+    for name, t in rows:
+        ratio = f"{base / t:.2f}x" if base else "-"
+        print(f"| {name} | {t * 1000:.0f} | {args.batch / t:.2f} | {ratio} |")
+    if not args.no_hf:
+        print(f"\nmax |logits diff| ours vs transformers: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
