@@ -35,6 +35,8 @@ class ModelConfig:
     num_queries: int = 300
     with_box_refine: bool = False
     two_stage: bool = False
+    # short side the model was trained at: the default input size of detect/video/eval
+    imgsz: int = 800
 
     def __post_init__(self) -> None:
         if self.two_stage and not self.with_box_refine:

@@ -212,7 +212,7 @@ class Detector:
         model: DeformableDETR,
         device: str | torch.device | None = "auto",
         half: bool = False,
-        imgsz: int = 800,
+        imgsz: int | None = None,
         max_size: int | None = None,
     ) -> None:
         self.device = pick_device(device)
@@ -222,9 +222,9 @@ class Detector:
         if half and self.device.type != "cuda":
             raise ValueError("--half needs a CUDA device")
         self.half = half
-        self.imgsz = imgsz
+        self.imgsz = imgsz or model.cfg.imgsz
         # the reference 800/1333 pair, scaled with the requested short side
-        self.max_size = max_size if max_size is not None else int(round(imgsz * 1333 / 800))
+        self.max_size = max_size if max_size is not None else int(round(self.imgsz * 1333 / 800))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, **kw: Any) -> "Detector":
