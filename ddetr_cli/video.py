@@ -292,12 +292,13 @@ class VideoWriter:
     them), so an odd-sized source is padded by one edge pixel to even sides and stays H.264.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, codec: str = "auto") -> None:
+    def __init__(self, path: Path, width: int, height: int, fps: float, codec: str = "auto", live: bool = False) -> None:
         self.path, self.src_size = Path(path), (width, height)
         self.width, self.height = width + width % 2, height + height % 2
         self.rate = Fraction(fps).limit_denominator(1001)
         self.frames = 0
         self._last_pts = -1
+        self.live = live
         self._av: Any = None
         self._cv: cv2.VideoWriter | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +326,10 @@ class VideoWriter:
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
             # veryfast: encoding must stay cheap next to the model; crf 23 is x264's default quality
             stream.options = {"crf": "23", "preset": "veryfast"}
+            if self.live:
+                # no B-frames/lookahead: frames leave the encoder at once, and with pts gaps the
+                # MP4 duration comes out right (B-frame reordering made it short)
+                stream.options["tune"] = "zerolatency"
         except Exception:
             container.close()
             raise
@@ -667,7 +672,8 @@ class VideoPipeline:
         stats = VideoStats(source=str(spec.target), live=spec.live, total=total)
 
         self._frames = FrameBuffer(size=max(2 * self.batch, 4), latest=self.latest)
-        results = FrameBuffer(size=2 * self.batch + 2)
+        # live: a short results queue, or annotated frames would wait there and lag real time
+        results = FrameBuffer(size=2 if self.latest else 2 * self.batch + 2)
         self._infer_error: BaseException | None = None
         reader = FrameReader(spec, cap, info, self._frames, self.stop_event, stride=self.stride, reconnect=self.reconnect,
                              reconnect_timeout=self.reconnect_timeout, backoff=self.backoff, read_timeout=self.read_timeout,
@@ -708,7 +714,7 @@ class VideoPipeline:
                 if self.save and self.out_dir is not None and annotated is not None:
                     if writer is None:
                         h, w = annotated.shape[:2]
-                        writer = VideoWriter(self.out_dir / f"{spec.name}.mp4", w, h, out_fps, codec=self.codec)
+                        writer = VideoWriter(self.out_dir / f"{spec.name}.mp4", w, h, out_fps, codec=self.codec, live=spec.live)
                         res.codec = writer.codec
                         res.outputs["video"] = str(writer.path)
                         first_wall = frame.wall

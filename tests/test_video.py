@@ -130,6 +130,17 @@ def test_writer_h264_pads_odd_sizes_and_mp4v_fallback(tmp_path: Path) -> None:
         assert (n, name, width, height) == (5, *expect)
 
 
+def test_writer_live_pts_gaps_keep_real_time_length(tmp_path: Path) -> None:
+    w = VideoWriter(tmp_path / "live.mp4", 64, 48, 25, live=True)
+    for i, pts in enumerate([0, 1, 2, 5, 6, 10, 20, 30, 49]):  # dropped frames leave gaps
+        w.write(np.full((48, 64, 3), i * 20, np.uint8), pts)
+    w.close()
+    with av.open(str(w.path)) as c:
+        times = [float(f.time) for f in c.decode(video=0)]
+        assert c.duration / 1e6 == pytest.approx(50 / 25, abs=0.05)
+    assert times == pytest.approx([p / 25 for p in (0, 1, 2, 5, 6, 10, 20, 30, 49)])
+
+
 # -- file mode ----------------------------------------------------------------------------------
 
 
@@ -145,6 +156,8 @@ def test_file_mode_python_api(clip: tuple[Path, list[dict]], tmp_path: Path, mon
     assert (n, w, h, codec) == (len(truth), 160, 120, "h264")
     cap = cv2.VideoCapture(res.outputs["video"])
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(12, abs=0.01)
+    with av.open(res.outputs["video"]) as c:
+        assert c.duration / 1e6 == pytest.approx(len(truth) / 12, abs=0.1)  # players show the right length
     recs = read_jsonl(Path(res.outputs["jsonl"]))
     assert [r["frame"] for r in recs] == list(range(len(truth)))
     assert recs[3]["time"] == pytest.approx(3 / 12, abs=1e-3) and (recs[0]["width"], recs[0]["height"]) == (160, 120)
