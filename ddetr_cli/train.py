@@ -136,8 +136,9 @@ def parse_arch(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in types or key in ("class_names", "num_classes"):
-            allowed = ", ".join(k for k in types if k not in ("class_names", "num_classes"))
+        fixed = ("class_names", "num_classes", "imgsz")  # set from the dataset / --imgsz
+        if not sep or key not in types or key in fixed:
+            allowed = ", ".join(k for k in types if k not in fixed)
             raise FinetuneError(f"bad --arch {item!r}: expected KEY=VALUE with KEY one of {allowed}")
         t = str(types[key])
         raw = raw.strip()
@@ -289,8 +290,16 @@ def build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Deformab
     """The model to fine-tune and a line saying where it came from.
 
     From pretrained weights everything is kept; the class heads are re-initialised when the
-    dataset's class names (in order) differ from the checkpoint's.
+    dataset's class names (in order) differ from the checkpoint's. The config records
+    ``imgsz`` (the default input size of the fine-tuned model downstream).
     """
+    model, source = _build_model(class_names, opts)
+    # Same architecture, only the recorded input size changes: safe to swap the config.
+    model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz)
+    return model, source
+
+
+def _build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
     n = len(class_names)
     if opts.scratch:
         try:
@@ -681,8 +690,10 @@ class Trainer:
     def run(self) -> FinetuneResult:
         o = self.o
         if self.finished:
-            self.print(f"run {self.run_dir} is already finished ({self.stop_reason}); best mAP {max(self.best_ap, 0):.4f}. "
-                       "Start a new run to train more.")
+            # Said even with --quiet: it is the whole answer to this call.
+            if self.info.main:
+                self.console.print(f"run {self.run_dir} is already finished ({self.stop_reason}); best mAP {max(self.best_ap, 0):.4f}. "
+                                   "Start a new run to train more.")
             return self._result()
         spe = self.steps_per_epoch()
         if self.resumed_from:
@@ -838,7 +849,7 @@ def plot_results(history: list[dict], path: Path) -> None:
 def _console(info: DistInfo) -> Any:
     from rich.console import Console
 
-    return Console(quiet=not info.main, highlight=False)
+    return Console(quiet=not info.main, highlight=False, soft_wrap=True)
 
 
 def finetune(data: str | Path | None = None, *, resume: str | None = None, **options: Any) -> FinetuneResult:
@@ -990,8 +1001,8 @@ def finetune_command(
                 weight_decay=weight_decay, clip_max_norm=clip_max_norm, lr_drop=lr_drop, accumulate=accumulate,
                 amp=amp, ema=ema, patience=patience, workers=workers, seed=seed, device=device, max_steps=max_steps,
                 save_period=save_period, name=name, out=out, register=register, deterministic=deterministic,
-                verbose=False if quiet else None)
-    err = Console(stderr=True, highlight=False)
+                verbose=not quiet)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         finetune(data, resume=resume, **opts)
     except (DatasetError, WeightsError, FinetuneError) as e:

@@ -43,9 +43,10 @@ def resized_shape(h: int, w: int, short: int, max_size: int | None) -> tuple[int
     lo, hi = min(h, w), max(h, w)
     if max_size is not None and hi / lo * short > max_size:
         short = max(1, int(round(max_size * lo / hi)))
+    # The long side is truncated, as in the reference implementation.
     if h <= w:
-        return short, max(1, int(round(short * w / h)))
-    return max(1, int(round(short * h / w))), short
+        return short, max(1, int(short * w / h))
+    return max(1, int(short * h / w)), short
 
 
 def resize(sample: Sample, short: int, max_size: int | None) -> Sample:
