@@ -5,7 +5,7 @@ where the model is the bottleneck its frames/s should stay close to (target >= 9
 model-only rate measured on pre-decoded frames. A random tiny model keeps the run near a minute
 on CPU; pass --model for a real one.
 
-    python benchmarks/bench_video.py                  # 1280x720, 30 frames, imgsz 320, tiny model
+    python benchmarks/bench_video.py                  # 1280x720, 24 frames, imgsz 320, tiny model, best of 2
     python benchmarks/bench_video.py --threads 2 --batch 2 --imgsz 640
 """
 
@@ -50,7 +50,7 @@ def decode_all(path: Path) -> list[np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--size", default="1280x720", help="WxH of the generated clip")
     ap.add_argument("--imgsz", type=int, default=320, help="model input short side")
     ap.add_argument("--batch", type=int, default=1)
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="weights name/path (default: random tiny model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--conf", type=float, default=0.3)
+    ap.add_argument("--repeat", type=int, default=2, help="alternating rounds; the best of each is reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -70,23 +71,26 @@ def main() -> None:
         frames = decode_all(clip)
         det.predict_arrays(frames[: args.batch], conf=args.conf)  # warm-up: allocator, oneDNN kernels
 
-        t = time.perf_counter()
-        for i in range(0, len(frames), args.batch):
-            det.predict_arrays(frames[i : i + args.batch], conf=args.conf)
-        model_s = time.perf_counter() - t
-        del frames
+        # rounds alternate the two runs and the best of each is kept: on a shared machine the load
+        # of other processes changes by the second, and the minimum is the least disturbed run
+        model_s = pipe_s = float("inf")
+        for r in range(args.repeat):
+            t = time.perf_counter()
+            for i in range(0, len(frames), args.batch):
+                det.predict_arrays(frames[i : i + args.batch], conf=args.conf)
+            model_s = min(model_s, time.perf_counter() - t)
 
-        t = time.perf_counter()
-        res = run_video(det, clip, Path(tmp) / "run", batch=args.batch, conf=args.conf, save=True, save_json=True,
-                        handle_signals=False)
-        pipe_s = time.perf_counter() - t
-        assert res.frames == args.frames, (res.frames, args.frames)
+            t = time.perf_counter()
+            res = run_video(det, clip, Path(tmp) / f"run{r}", batch=args.batch, conf=args.conf, save=True, save_json=True,
+                            handle_signals=False)
+            pipe_s = min(pipe_s, time.perf_counter() - t)
+            assert res.frames == args.frames, (res.frames, args.frames)
 
     model_fps, pipe_fps = args.frames / model_s, res.frames / pipe_s
     ratio = pipe_fps / model_fps
     print(f"\n`ddetr video` on a {w}x{h} clip, {args.frames} frames, imgsz {args.imgsz}, batch {args.batch}, "
           f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), "
-          f"output {res.codec} + JSONL\n")
+          f"output {res.codec} + JSONL, best of {args.repeat}\n")
     print("| run | frames | seconds | frames/s |")
     print("|---|---:|---:|---:|")
     print(f"| model only (frames pre-decoded) | {args.frames} | {model_s:.2f} | {model_fps:.2f} |")
