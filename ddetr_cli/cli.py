@@ -490,7 +490,57 @@ def _eval_summary(res) -> None:
 
 
 # -- finetune -----------------------------------------------------------------------------------
-# (finetune command goes here)
+
+
+@app.command()
+def finetune(
+    data: Annotated[Optional[str], typer.Argument(help="Dataset folder (COCO, YOLO or Pascal VOC; detected).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
+    scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage.")] = None,
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="With --scratch: KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side of the training scale (default 800).", min=32)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4; backbone lr/10).")] = None,
+    lr_drop: Annotated[Optional[int], typer.Option("--lr-drop", help="Epochs between x0.1 LR drops (default 80% of epochs).")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.", min=1)] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16 where supported).")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep EMA weights (used for val and best).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val mAP gain (0 = never).", min=0)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", min=0)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1)] = None,
+    save_period: Annotated[Optional[int], typer.Option("--save-period", help="Steps between resumable checkpoints.", min=0)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Parent folder of run folders (default runs/finetune).")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'latest' or a run folder.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Less output.")] = False,
+) -> None:
+    """Fine-tune on your own labeled images; the best model is registered by name.
+
+    Examples:
+
+      ddetr finetune ./mydata --epochs 30 --name parts
+
+      ddetr finetune ./mydata --scratch --arch backbone_depth=18 --arch d_model=128 --imgsz 320
+
+      ddetr finetune --resume latest
+
+      torchrun --nproc-per-node 2 -m ddetr_cli finetune ./mydata --device cuda
+    """
+    from .train import finetune_command
+
+    code = finetune_command(
+        data, model=model, scratch=scratch, variant=variant, arch=arch, format=fmt, epochs=epochs, batch=batch,
+        imgsz=imgsz, lr=lr, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
+        workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
+        out=out, resume=resume, quiet=quiet,
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 # -- weights ------------------------------------------------------------------------------------
