@@ -797,11 +797,11 @@ class Trainer:
         from rich.table import Table
 
         t = Table(title=f"epoch {row['epoch']}/{self.o.epochs}", show_edge=False)
-        for k in ("loss", "cls", "bbox", "giou", "lr", "AP", "AP50", "AP75", "time"):
-            t.add_column(k, justify="right")
+        # AP75 and the step count are in results.csv; the table stays within 80 columns.
+        for k in ("loss", "cls", "bbox", "giou", "lr", "AP", "AP50", "time"):
+            t.add_column(k, justify="right", no_wrap=True)
         t.add_row(*[f"{row['loss']:.4f}", f"{row['cls']:.4f}", f"{row['bbox']:.4f}", f"{row['giou']:.4f}",
-                    f"{row['lr']:.2e}", f"{row['AP']:.4f}", f"{row['AP50']:.4f}", f"{row['AP75']:.4f}",
-                    f"{row['time']:.1f}s"])
+                    f"{row['lr']:.1e}", f"{row['AP']:.4f}", f"{row['AP50']:.4f}", f"{row['time']:.1f}s"])
         self.console.print(t)
         if self.nonfinite:
             self.console.print(f"[yellow]skipped {self.nonfinite} steps with a non-finite loss[/]")
