@@ -156,6 +156,32 @@ class ResNet(nn.Module):
         self.fused = True
         return self
 
+    @torch.no_grad()
+    def prepare_scratch_(self) -> "ResNet":
+        """Make a randomly initialised body trainable without ImageNet weights.
+
+        Frozen BN with identity statistics leaves the net unnormalised, so instead: He-init
+        convs, every BN scale/shift becomes a trainable parameter (statistics stay identity, so
+        the saved layout is unchanged), the last BN of each residual block starts at zero so
+        each block starts as the identity (as in Fixup / "zero-init residual"), and the stem is
+        trained too (the reference freezes it only because it comes pre-trained).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, FrozenBatchNorm2d):
+                for name in ("weight", "bias"):
+                    t = getattr(m, name)
+                    delattr(m, name)
+                    m.register_parameter(name, nn.Parameter(t.detach().clone()))
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                last.weight.zero_()
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self
+
     def freeze_stem(self) -> None:
         """Freeze conv1 and layer1, as the reference recipe trains only layer2..4."""
         for name, p in self.named_parameters():
