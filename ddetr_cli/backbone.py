@@ -92,19 +92,20 @@ class ResNet(nn.Module):
     """ResNet body returning the C3, C4, C5 feature maps.
 
     ``dilation=True`` replaces the stride of the last stage with dilation (the "DC5" variant):
-    C5 then has stride 16 instead of 32.
+    C5 then has stride 16 instead of 32. ``width`` is the stem's channel count (64 in every
+    published ResNet); smaller values make small models for CPU training.
     """
 
-    def __init__(self, depth: int = 50, dilation: bool = False) -> None:
+    def __init__(self, depth: int = 50, dilation: bool = False, width: int = 64) -> None:
         super().__init__()
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"backbone depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         kind, blocks = RESNET_LAYOUTS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.conv1, self.bn1 = conv_bn(3, 64, 7, 2)
-        cin, cur_dilation = 64, 1
+        self.conv1, self.bn1 = conv_bn(3, width, 7, 2)
+        cin, cur_dilation = width, 1
         self.channels: list[int] = []
-        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        for i, (n, width) in enumerate(zip(blocks, (width, 2 * width, 4 * width, 8 * width))):
             stride = 1 if i == 0 else 2
             first_dilation = cur_dilation
             if i == 3 and dilation:

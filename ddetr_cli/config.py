@@ -22,6 +22,7 @@ class ModelConfig:
     num_classes: int = 91
     class_names: list[str] = field(default_factory=list)
     backbone_depth: int = 50
+    backbone_width: int = 64  # stem channels; 64 in published ResNets, less for small CPU models
     dilation: bool = False
     num_feature_levels: int = 4
     d_model: int = 256
@@ -46,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by 32 (GroupNorm) and by nheads={self.nheads}")
         if self.backbone_depth not in (18, 34, 50, 101):
             raise ValueError(f"backbone_depth must be 18, 34, 50 or 101, got {self.backbone_depth}")
+        if self.backbone_width < 8 or self.backbone_width % 8:
+            raise ValueError(f"backbone_width must be a multiple of 8, got {self.backbone_width}")
         if self.num_feature_levels < 1:
             raise ValueError("num_feature_levels must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:

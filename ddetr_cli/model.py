@@ -244,7 +244,7 @@ class DeformableDETR(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.backbone = nn.Module()
-        self.backbone.body = ResNet(cfg.backbone_depth, cfg.dilation)
+        self.backbone.body = ResNet(cfg.backbone_depth, cfg.dilation, cfg.backbone_width)
         self.backbone.body.freeze_stem()
         body_channels = self.backbone.body.channels if cfg.num_feature_levels > 1 else self.backbone.body.channels[-1:]
         projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in body_channels]

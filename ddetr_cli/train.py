@@ -284,6 +284,8 @@ def resolve_model_path(model: str | None) -> Path:
         return Path(resolve(model))
     except LookupError as e:
         raise FinetuneError(f"{e}; or use --scratch") from None
+    except ImportError as e:  # hub download support (huggingface-hub) not installed
+        raise FinetuneError(f"cannot fetch model {model or 'default'!r} ({e}); pass a weights path or --scratch") from None
 
 
 def build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
@@ -308,7 +310,9 @@ def _build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Deforma
             if isinstance(e, FinetuneError):
                 raise
             raise FinetuneError(f"bad model configuration: {e}") from None
-        return DeformableDETR(cfg), f"random init ({cfg.variant}, ResNet-{cfg.backbone_depth}, d_model {cfg.d_model})"
+        model = DeformableDETR(cfg)
+        model.backbone.body.prepare_scratch_()  # no ImageNet weights: make the body trainable as a whole
+        return model, f"random init ({cfg.variant}, ResNet-{cfg.backbone_depth}, d_model {cfg.d_model})"
     path = resolve_model_path(opts.model)
     cfg, sd, layout = read_weights(path)
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
@@ -514,7 +518,7 @@ class Trainer:
     LOSS_KEYS = ("loss", "cls", "bbox", "giou")
 
     def __init__(self, opts: FinetuneOptions, info: DistInfo, device: torch.device, console: Any,
-                 run_dir: Path, state: dict | None = None) -> None:
+                 run_dir: Path | None, state: dict | None = None) -> None:
         self.o, self.info, self.device, self.console, self.run_dir = opts, info, device, console, run_dir
         o = opts
         if o.deterministic:
@@ -892,14 +896,16 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
         own_group = True
     try:
         console = _console(info)
+        # Data and model first: a run folder is only made for a run that can start.
+        trainer = Trainer(opts, info, device, console, run_dir, state)
         if run_dir is None:
             run_dir = _broadcast(new_run_dir(Path(opts.out)) if info.main else None, info)
+            trainer.run_dir = run_dir
         if info.main and not (run_dir / "args.json").exists():
             atomic_write(run_dir / "args.json", json.dumps({**asdict(opts), "world_size": info.world}, indent=2))
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             if info.main:
                 stale.unlink(missing_ok=True)
-        trainer = Trainer(opts, info, device, console, run_dir, state)
         if info.main and opts.verbose and state is None:
             ts, vs = trainer.train_set, trainer.val_set
             console.print(f"[bold]finetune[/] {opts.data} ({ts.format}) -> {run_dir}")
