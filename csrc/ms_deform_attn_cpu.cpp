@@ -3,8 +3,10 @@
 // Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros"): a normalised
 // location (x, y) is read at pixel (x * W - 0.5, y * H - 0.5) and corners outside the level read 0.
 //
-// Forward is parallel over (n, q, m); backward over (n, m) so that each thread owns the slice
-// grad_value[n, :, m, :] and accumulates into it without races, in a fixed order (deterministic).
+// Forward is parallel over (n, q, m) in memory order. Backward is parallel over (n, m) so that each
+// thread owns the slice grad_value[n, :, m, :] and accumulates into it without races, in a fixed
+// order (deterministic); it works on head-major (N, M, S, D) copies of value and grad_value so
+// that a head's slice is contiguous (measured ~1.4x faster at the encoder shape).
 // The channel loops run over contiguous rows value[n, s, m, :] and are written for the compiler to
 // vectorise; invalid corners point at a row of zeros instead of branching inside the loop. The
 // corner geometry of all L*P points of a query is computed first, in a loop across points.
@@ -162,12 +164,12 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 }
 
 template <typename scalar_t, int DC>
-void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
+void backward_kernel(const scalar_t* grad_out, const scalar_t* value_hm, const int64_t* shapes,
                      const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
-                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn,
+                     scalar_t* grad_value_hm, scalar_t* grad_loc, scalar_t* grad_attn,
                      const Dims& d) {
   const int64_t D = DC > 0 ? DC : d.D;
-  const int64_t row = d.M * D;
+  const int64_t row = D;  // value_hm / grad_value_hm are head-major (N, M, S, D)
   const int64_t LP = d.L * d.P;
   const LevelTable<scalar_t> table(shapes, starts, d.L, d.P);
   at::parallel_for(0, d.N * d.M, 1, [&](int64_t begin, int64_t end) {
@@ -175,8 +177,8 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
     PointBuffers<scalar_t> b(LP);
     for (int64_t nm = begin; nm < end; ++nm) {
       const int64_t n = nm / d.M, m = nm % d.M;
-      const scalar_t* vbase = value + n * d.S * row + m * D;
-      scalar_t* gvbase = grad_value + n * d.S * row + m * D;
+      const scalar_t* vbase = value_hm + nm * d.S * D;
+      scalar_t* gvbase = grad_value_hm + nm * d.S * D;
       for (int64_t q = 0; q < d.Lq; ++q) {
         const int64_t i = (n * d.Lq + q) * d.M + m;
         const scalar_t* __restrict__ go = grad_out + i * D;
@@ -278,27 +280,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   check_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_,
                attention_weights_, grad_output_);
   const auto grad_output = grad_output_.contiguous();
-  const auto value = value_.contiguous();
   const auto shapes = spatial_shapes_.contiguous();
   const auto starts = level_start_index_.contiguous();
   const auto loc = sampling_locations_.contiguous();
   const auto attn = attention_weights_.contiguous();
-  const Dims d = dims_of(value, loc);
+  const Dims d = dims_of(value_, loc);
   check_index_range(d);
-  auto grad_value = at::zeros_like(value);
+  // Each thread owns heads; a head-major copy makes its slice of value and grad_value contiguous.
+  const auto value = value_.permute({0, 2, 1, 3}).contiguous();
+  auto grad_value_hm = at::zeros_like(value);
   auto grad_loc = at::zeros_like(loc);
   auto grad_attn = at::zeros_like(attn);
-  if (grad_output.numel() == 0) return {grad_value, grad_loc, grad_attn};
+  if (grad_output.numel() == 0) return {grad_value_hm.permute({0, 2, 1, 3}).contiguous(), grad_loc, grad_attn};
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     with_channels<scalar_t>(d.D, [&](auto dc) {
       backward_kernel<scalar_t, decltype(dc)::value>(
           grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
           shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
-          attn.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+          attn.data_ptr<scalar_t>(), grad_value_hm.data_ptr<scalar_t>(),
           grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), d);
     });
   });
-  return {grad_value, grad_loc, grad_attn};
+  return {grad_value_hm.permute({0, 2, 1, 3}).contiguous(), grad_loc, grad_attn};
 }
 
 }  // namespace
