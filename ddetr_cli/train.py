@@ -542,6 +542,8 @@ class Trainer:
         if state is not None:
             cfg = ModelConfig.from_dict(state["model_config"])
             self.model = DeformableDETR(cfg)
+            if o.scratch:  # same trainable set (hence optimizer layout) as the interrupted run
+                self.model.backbone.body.prepare_scratch_()
             load_state_dict_strict(self.model, state["model"], source="last.pt")
             self.model_source = f"resumed from {run_dir / 'last.pt'}"
         else:

@@ -128,11 +128,17 @@ def test_finetune_each_format(fmt: str, tmp_path: Path) -> None:
     rows = (run / "results.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,steps,loss,cls,bbox,giou,lr,AP,AP50") and len(rows) == 2
     assert json.loads((run / "args.json").read_text())["imgsz"] == IMGSZ
-    # A second run never overwrites the first.
-    res2 = finetune(EXAMPLES / fmt, scratch=True, arch=ARCH, imgsz=IMGSZ, epochs=1, max_steps=1, workers=0,
-                    out=str(tmp_path), register=False, verbose=False) if fmt == "coco" else None
-    if res2 is not None:
-        assert res2.run_dir == tmp_path / "exp2"
+
+
+
+def test_second_run_new_folder_and_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = pytest.importorskip("ddetr_cli.registry")
+    monkeypatch.setenv("DDETR_HOME", str(tmp_path / "home"))
+    (tmp_path / "runs" / "exp").mkdir(parents=True)  # an earlier run: never overwritten
+    res = finetune(EXAMPLES / "coco", scratch=True, arch=ARCH, imgsz=IMGSZ, epochs=1, max_steps=1, workers=0,
+                   out=str(tmp_path / "runs"), name="shapes-test", verbose=False)
+    assert res.run_dir == tmp_path / "runs" / "exp2" and res.registered == "shapes-test"
+    assert Path(registry.get("shapes-test").path) == res.best.resolve()
 
 
 def test_pretrained_class_head_reinit(tmp_path: Path) -> None:
