@@ -491,6 +491,8 @@ def _resolve() -> dict:
                     torch.ops.load_library(lib)
                     state["library"] = lib
                     state["reason"] = f"built at {lib}"
+                    if torch.cuda.is_available() and not with_cuda:
+                        state["reason"] += " (CPU kernels only: no CUDA toolkit found; CUDA tensors use the fallback)"
                 _register_python_impls()
                 state["backend"] = "compiled"
                 state["cuda_kernels"] = _has_cuda_kernel()
