@@ -503,7 +503,8 @@ def finetune(
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
     imgsz: Annotated[Optional[int], typer.Option(help="Short side of the training scale (default 800).", min=32)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4; backbone lr/10).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option("--lr-backbone", help="Backbone learning rate (default lr/10).")] = None,
     lr_drop: Annotated[Optional[int], typer.Option("--lr-drop", help="Epochs between x0.1 LR drops (default 80% of epochs).")] = None,
     accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.", min=1)] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16 where supported).")] = None,
@@ -535,7 +536,7 @@ def finetune(
 
     code = finetune_command(
         data, model=model, scratch=scratch, variant=variant, arch=arch, format=fmt, epochs=epochs, batch=batch,
-        imgsz=imgsz, lr=lr, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
+        imgsz=imgsz, lr=lr, lr_backbone=lr_backbone, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
         workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
         out=out, resume=resume, quiet=quiet,
     )
