@@ -124,6 +124,24 @@ def _parse_formats(formats: list[str]) -> list[str]:
     return fmts or ["coco"]
 
 
+def _load_detector(model, device: str, half: bool, imgsz, classes=None):
+    """Detector plus the label ids ``--classes`` names (None = all); bad values -> UserError."""
+    from .detector import Detector
+
+    try:
+        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
+    except ValueError as e:
+        if isinstance(e, _known_errors()):
+            raise
+        raise UserError(str(e)) from None
+    if not classes:
+        return det, None
+    try:
+        return det, det.class_ids([c for item in classes for c in item.split(",") if c.strip()])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 @app.command()
 def detect(
     sources: Annotated[list[str], typer.Argument(help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
@@ -156,23 +174,10 @@ def detect(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .detect import run_detect
-    from .detector import Detector
     from .export import next_run_dir
 
     fmts = _parse_formats(formats)
-    try:
-        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
-    except ValueError as e:
-        if isinstance(e, _known_errors()):
-            raise
-        raise UserError(str(e)) from None
-    class_ids = None
-    if classes:
-        flat = [c for item in classes for c in item.split(",") if c.strip()]
-        try:
-            class_ids = det.class_ids(flat)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    det, class_ids = _load_detector(model, device, half, imgsz, classes)
     run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/detect"))
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
@@ -278,7 +283,6 @@ def video(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .detector import Detector
     from .export import next_run_dir
     from .video import VideoPipeline, VideoStats, parse_source
 
@@ -286,18 +290,7 @@ def video(
     if not (show or save or save_json):
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
-    try:
-        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
-    except ValueError as e:
-        if isinstance(e, _known_errors()):
-            raise
-        raise UserError(str(e)) from None
-    class_ids = None
-    if classes:
-        try:
-            class_ids = det.class_ids([c for item in classes for c in item.split(",") if c.strip()])
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    det, class_ids = _load_detector(model, device, half, imgsz, classes)
 
     def log(msg: str) -> None:
         # drops, reconnects and a refused --show matter even in --quiet runs

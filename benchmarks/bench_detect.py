@@ -1,0 +1,92 @@
+"""`ddetr detect` throughput on a folder of images: the full pipeline (threaded decode, batching,
+COCO/annotated-image writing) vs the model alone on the same, already decoded images.
+
+    python benchmarks/bench_detect.py                       # 64 images, small model and R50
+    python benchmarks/bench_detect.py --images 16 --models small
+
+Prints one markdown table (images/s and the pipeline/model ratio), measured in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def make_folder(folder: Path, n: int, size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    w, h = size
+    for i in range(n):
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        cv2.circle(img, (int(rng.integers(50, w - 50)), int(rng.integers(50, h - 50))), 40, (0, 200, 0), -1)
+        cv2.imwrite(str(folder / f"img{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def build(kind: str, root: Path) -> Path:
+    from ddetr_cli.config import ModelConfig
+    from ddetr_cli.model import DeformableDETR
+    from ddetr_cli.weights import save_model
+
+    torch.manual_seed(0)
+    if kind == "small":
+        cfg = ModelConfig.from_variant("box-refine", num_classes=5, class_names=list("abcde"), backbone_depth=18,
+                                       backbone_width=32, d_model=128, enc_layers=3, dec_layers=3,
+                                       dim_feedforward=512, num_queries=50, imgsz=320)
+    else:
+        cfg = ModelConfig()  # the published multi-scale R50 layout
+    return save_model(DeformableDETR(cfg), root / f"{kind}.safetensors")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--size", default="640x480", help="WxH of the generated images")
+    ap.add_argument("--models", default="small,r50")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    from ddetr_cli.detect import run_detect
+    from ddetr_cli.detector import Detector, read_image
+
+    w, h = map(int, args.size.split("x"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = root / "images"
+        folder.mkdir()
+        make_folder(folder, args.images, (w, h))
+        files = sorted(folder.iterdir())
+        for kind in args.models.split(","):
+            det = Detector.from_pretrained(build(kind, root), device=args.device)
+            arrays = [read_image(f) for f in files]
+            det.predict_arrays(arrays[:1])  # warm-up (op build/load, allocator)
+            t = time.perf_counter()
+            for i in range(0, len(arrays), args.batch):
+                det.predict_arrays(arrays[i:i + args.batch])
+            model_only = time.perf_counter() - t
+            t = time.perf_counter()
+            res = run_detect(det, [str(folder)], root / f"run_{kind}", batch=args.batch, formats=("coco",), save_images=True)
+            pipeline = time.perf_counter() - t
+            assert res.images == len(files)
+            rows.append((kind, det.imgsz, len(files) / model_only, len(files) / pipeline))
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\n`ddetr detect` on {args.images} JPEGs of {args.size}, batch {args.batch}, {dev}, torch {torch.__version__}\n")
+    print("| model | imgsz | model only (img/s) | detect pipeline (img/s) | pipeline / model |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, imgsz, mo, pl in rows:
+        print(f"| {kind} | {imgsz} | {mo:.2f} | {pl:.2f} | {pl / mo:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
