@@ -695,6 +695,8 @@ class Trainer:
 
     def run(self) -> FinetuneResult:
         o = self.o
+        if self.finished and self.stop_reason.startswith("reached --max-steps") and not self._max_steps_reached():
+            self.finished = False  # resumed with a larger --max-steps: keep training
         if self.finished:
             # Said even with --quiet: it is the whole answer to this call.
             if self.info.main:
@@ -862,7 +864,8 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
     """Fine-tune a model on the dataset folder ``data`` (COCO/YOLO/VOC); see FinetuneOptions.
 
     ``resume``: a run folder, its ``last.pt``, or "latest" to continue an interrupted run with
-    its own options (only ``device``, ``workers``, ``save_period`` and ``verbose`` may change).
+    its own options (only ``device``, ``workers``, ``save_period``, ``verbose`` and ``max_steps``
+    may change; a run stopped by ``--max-steps`` continues when given a larger one).
     Raises DatasetError, WeightsError or FinetuneError with one-line messages.
     Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 writes the files.
     """
@@ -877,7 +880,7 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
         state = _load_train_state(ckpt)
         saved = state["options"]
         opts = FinetuneOptions(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(FinetuneOptions)}})
-        for k in ("device", "workers", "save_period", "verbose"):
+        for k in ("device", "workers", "save_period", "verbose", "max_steps"):
             if options.get(k) is not None:
                 setattr(opts, k, options[k])
         run_dir = ckpt.parent

@@ -267,3 +267,20 @@ def test_bad_input_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFix
     assert finetune_command(str(data), **kw) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+def test_resume_with_larger_max_steps_continues(tmp_path: Path) -> None:
+    """A run stopped by --max-steps is finished; resumed with a larger --max-steps it trains on
+    from where it stopped (how the demo model's training is extended)."""
+    kw = dict(scratch=True, arch=ARCH, imgsz=IMGSZ, batch=2, epochs=3, workers=0, out=str(tmp_path),
+              register=False, verbose=False)
+    first = finetune(EXAMPLES / "coco", max_steps=2, **kw)
+    assert first.finished
+    again = finetune(resume=str(first.run_dir), out=str(tmp_path), max_steps=2, verbose=False)
+    assert again.finished
+    state = torch.load(first.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    more = finetune(resume=str(first.run_dir), out=str(tmp_path), max_steps=4, verbose=False)
+    assert more.finished
+    state = torch.load(first.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
