@@ -149,9 +149,6 @@ def run_detect(
             coco.write(pred_path, {**info(), "incomplete": True})
             last_ckpt = time.perf_counter()
 
-    def decode(src: str) -> np.ndarray:
-        return load_source(src)
-
     window: deque[tuple[str, str, Future]] = deque()
     it = iter(items)
     pending: list[tuple[str, str, np.ndarray]] = []
@@ -163,7 +160,7 @@ def run_detect(
                 nxt = next(it, None)
                 if nxt is None:
                     break
-                window.append((nxt[0], nxt[1], pool.submit(decode, nxt[0])))
+                window.append((nxt[0], nxt[1], pool.submit(load_source, nxt[0])))
             if not window:
                 break
             src, name, fut = window.popleft()
