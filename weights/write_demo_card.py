@@ -28,6 +28,10 @@ def main() -> None:
     cfg, sd, _ = read_weights(dst)
     params = sum(t.numel() for t in sd.values())
     last = rows[-1] if rows else {}
+    progress = json.loads((run / "progress.json").read_text()) if (run / "progress.json").is_file() else {}
+    status = ("finished" if progress.get("finished") else
+              f"stopped after {len(rows)} of {args.get('epochs')} planned epochs (session time ran out); "
+              "`RESUME=1 bash weights/train_demo.sh WORKDIR` continues the run")
     card = f"""# demo: synthetic shapes detector (Deformable DETR + box refinement, ResNet-18/32, d_model 128)
 
 Bundled so that `ddetr detect examples/images --model demo` works offline on a fresh machine.
@@ -57,8 +61,8 @@ parameters, float32, {dst.stat().st_size / 1e6:.1f} MB.
 dataset: `python -m ddetr_cli.synth dataset DIR --train 3000 --val 200 --test {n_test} --seed {seed}`;
 then `ddetr finetune` with: {" ".join(args.get("arch") or [])}, variant {args.get("variant")}, imgsz {args.get("imgsz")},
 batch {args.get("batch")}, lr {args.get("lr")} (backbone {args.get("lr_backbone")}), AdamW, grad clip
-{args.get("clip_max_norm")}, EMA, the reference augmentation scaled to imgsz. Epochs run: {len(rows)}
-(last row of results.csv: {json.dumps(last)}). CPU, 2 cores.
+{args.get("clip_max_norm")}, EMA, the reference augmentation scaled to imgsz, on CPU (2 cores, about
+1 step/s). Status: {status}. Validation mAP per epoch (200 val images): {", ".join(f"{float(r['AP']):.3f}" for r in rows)}.
 """
     (here / "demo.md").write_text(card)
     print(card)
