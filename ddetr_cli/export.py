@@ -21,13 +21,14 @@ import supervision as sv
 from .classes import coco_supercategory
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Write text (UTF-8) or bytes via a temp file in the same folder and rename, so readers
+    never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -38,7 +38,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from .config import ModelConfig
+from .export import atomic_write_text as atomic_write  # one atomic writer for the package
+from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
 from .losses import SetCriterion
 from .matcher import HungarianMatcher, box_cxcywh_to_xyxy
@@ -425,35 +426,10 @@ def evaluate_map(model: DeformableDETR, dataset: Dataset, imgsz: int, device: to
 # files
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
-
-
-def new_run_dir(parent: Path) -> Path:
-    """parent/exp, exp2, exp3, ...: the first that does not exist, created (never reused)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        d = parent / ("exp" if n == 1 else f"exp{n}")
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            n += 1
 
 
 def find_resume_state(resume: str, out: str) -> Path:
