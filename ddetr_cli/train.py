@@ -590,6 +590,12 @@ class Trainer:
             self.ema.updates = int(s.get("ema_updates", 0))
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        # A resume may move a drop that has not happened yet (_extend_schedule checks that): the
+        # next epoch's rate then follows the new step size, as in a fresh run with it.
+        self.scheduler.step_size = self.lr_drop
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * self.scheduler.gamma ** (int(s["epoch"]) // self.lr_drop)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.scaler.load_state_dict(s["scaler"])
         for k in ("epoch", "step_in_epoch", "global_step", "best_ap", "best_epoch", "bad_epochs", "history",
                   "step_log", "sums", "epoch_time", "finished", "stop_reason", "resumed_from"):
@@ -671,8 +677,9 @@ class Trainer:
 
     def run(self) -> FinetuneResult:
         o = self.o
-        if self.finished and self.stop_reason.startswith("reached --max-steps") and not self._max_steps_reached():
-            self.finished = False  # resumed with a larger --max-steps: keep training
+        if self.finished and not self._max_steps_reached() and self.epoch < o.epochs and (
+                self.stop_reason.startswith("reached --max-steps") or self.stop_reason.startswith("completed")):
+            self.finished = False  # resumed with a larger --max-steps or --epochs: keep training
         if self.finished:
             # Said even with --quiet: it is the whole answer to this call.
             if self.info.main:
@@ -836,12 +843,39 @@ def _console(info: DistInfo) -> Any:
     return Console(quiet=not info.main, highlight=False, soft_wrap=True)
 
 
+def _effective_lr_drop(o: FinetuneOptions) -> int:
+    return o.lr_drop or max(1, round(0.8 * o.epochs))
+
+
+def _extend_schedule(opts: FinetuneOptions, state: dict, epochs: int | None, lr_drop: int | None) -> None:
+    """Apply --epochs/--lr-drop given with --resume, refusing changes that rewrite trained epochs.
+
+    The result equals a fresh run started with the new values: epochs already trained saw the same
+    learning rate under both schedules (no drop moves into or out of the past)."""
+    done = int(state["epoch"]) + (1 if state["step_in_epoch"] else 0)  # epochs (partly) trained
+    old_drop = _effective_lr_drop(opts)
+    if epochs is not None:
+        if epochs < done:
+            raise FinetuneError(f"--epochs {epochs} with --resume: the run has already trained {done} epoch(s)")
+        opts.epochs = epochs
+        follows = _effective_lr_drop(opts)
+        if opts.lr_drop is None and follows != old_drop and min(follows, old_drop) < done:
+            opts.lr_drop = old_drop  # the default drop would move into the past: keep it where it was
+    if lr_drop is not None:
+        opts.lr_drop = lr_drop
+    new_drop = _effective_lr_drop(opts)
+    if new_drop != old_drop and min(new_drop, old_drop) < done:
+        raise FinetuneError(f"--lr-drop {new_drop} with --resume: the learning rate of the {done} epoch(s) "
+                            f"already trained would change (it drops after epoch {old_drop})")
+
+
 def finetune(data: str | Path | None = None, *, resume: str | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune a model on the dataset folder ``data`` (COCO/YOLO/VOC); see FinetuneOptions.
 
     ``resume``: a run folder, its ``last.pt``, or "latest" to continue an interrupted run with
-    its own options (only ``device``, ``workers``, ``save_period``, ``verbose`` and ``max_steps``
-    may change; a run stopped by ``--max-steps`` continues when given a larger one).
+    its own options (only ``device``, ``workers``, ``save_period``, ``verbose``, ``max_steps``,
+    ``epochs`` and ``lr_drop`` may change, the last two only where the epochs already trained are
+    unaffected; a run stopped by ``--max-steps`` or ``--epochs`` continues when given a larger one).
     Raises DatasetError, WeightsError or FinetuneError with one-line messages.
     Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 writes the files.
     """
@@ -859,6 +893,7 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
         for k in ("device", "workers", "save_period", "verbose", "max_steps"):
             if options.get(k) is not None:
                 setattr(opts, k, options[k])
+        _extend_schedule(opts, state, options.get("epochs"), options.get("lr_drop"))
         run_dir = ckpt.parent
     else:
         if data is None:
@@ -882,7 +917,7 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
         if run_dir is None:
             run_dir = _broadcast(new_run_dir(Path(opts.out)) if info.main else None, info)
             trainer.run_dir = run_dir
-        if info.main and not (run_dir / "args.json").exists():
+        if info.main and (state is not None or not (run_dir / "args.json").exists()):
             atomic_write(run_dir / "args.json", json.dumps({**asdict(opts), "world_size": info.world}, indent=2))
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             if info.main:

@@ -284,3 +284,26 @@ def test_resume_with_larger_max_steps_continues(tmp_path: Path) -> None:
     assert more.finished
     state = torch.load(first.run_dir / "last.pt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
+
+
+def test_resume_with_more_epochs_and_later_lr_drop_equals_fresh_run(tmp_path: Path) -> None:
+    """--epochs/--lr-drop given with --resume extend the schedule exactly: a 1-epoch run resumed
+    to 2 epochs with the drop after epoch 1 ends with the same weights as a fresh 2-epoch run with
+    that drop; a drop that would fall into epochs already trained is refused."""
+    kw = dict(scratch=True, arch=ARCH, imgsz=IMGSZ, batch=4, workers=0, register=False, verbose=False, seed=3)
+    fresh = finetune(EXAMPLES / "coco", epochs=2, lr_drop=1, out=str(tmp_path / "a"), **kw)
+    short = finetune(EXAMPLES / "coco", epochs=1, lr_drop=5, out=str(tmp_path / "b"), **kw)
+    assert short.finished
+    longer = finetune(resume=str(short.run_dir), out=str(tmp_path / "b"), epochs=2, lr_drop=1, verbose=False)
+    assert longer.finished
+    a = torch.load(fresh.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(short.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] > 0 and b["epoch"] == 2
+    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-5, msg=k)
+    assert json.loads((short.run_dir / "args.json").read_text())["epochs"] == 2
+    with pytest.raises(Exception, match="lr-drop 2 with --resume"):  # epoch 2 already ran at the dropped rate
+        finetune(resume=str(short.run_dir), out=str(tmp_path / "b"), epochs=3, lr_drop=2, verbose=False)
+    with pytest.raises(Exception, match="already trained 2"):
+        finetune(resume=str(short.run_dir), out=str(tmp_path / "b"), epochs=1, verbose=False)
