@@ -15,10 +15,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+ARCHS = ("deformable-detr", "detr")
+BACKBONES = ("resnet", "vit-small", "vit-base")
+
+
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of a Deformable DETR model (defaults: the official multi-scale R50 model)."""
+    """Hyper-parameters of a detector (defaults: the official multi-scale R50 Deformable DETR).
 
+    ``arch`` picks the model family: "deformable-detr" (model.DeformableDETR) or "detr" (the
+    original DETR; the deformable-only fields are then unused). ``backbone`` is "resnet" (depth
+    from ``backbone_depth``) or a ViT ("vit-small", "vit-base"). ``masks`` adds DETR's mask head.
+    """
+
+    arch: str = "deformable-detr"
+    backbone: str = "resnet"
+    masks: bool = False
     num_classes: int = 91
     class_names: list[str] = field(default_factory=list)
     backbone_depth: int = 50
@@ -40,6 +52,12 @@ class ModelConfig:
     imgsz: int = 800
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.masks and self.arch != "detr":
+            raise ValueError("masks (the mask head) exist for arch='detr' only")
         if self.two_stage and not self.with_box_refine:
             # The published two-stage model always refines; the heads' sharing assumes it.
             raise ValueError("two_stage requires with_box_refine")

@@ -444,5 +444,9 @@ class DeformableDETR(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig) -> DeformableDETR:
-    return DeformableDETR(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model ``cfg`` describes (its ``arch``), freshly initialised. The one constructor
+    loaders and training use, so every model family goes through the same commands."""
+    if cfg.arch == "deformable-detr":
+        return DeformableDETR(cfg)
+    raise ValueError(f"arch {cfg.arch!r} is not implemented yet")

@@ -39,7 +39,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
 from .losses import SetCriterion
 from .matcher import HungarianMatcher, box_cxcywh_to_xyxy
-from .model import DeformableDETR
+from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
 
@@ -289,20 +289,20 @@ def resolve_model_path(model: str | None) -> Path:
         raise FinetuneError(f"cannot fetch model {model or 'default'!r} ({e}); pass a weights path or --scratch") from None
 
 
-def build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
+def starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
     """The model to fine-tune and a line saying where it came from.
 
     From pretrained weights everything is kept; the class heads are re-initialised when the
     dataset's class names (in order) differ from the checkpoint's. The config records
     ``imgsz`` (the default input size of the fine-tuned model downstream).
     """
-    model, source = _build_model(class_names, opts)
+    model, source = _starting_model(class_names, opts)
     # Same architecture, only the recorded input size changes: safe to swap the config.
     model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz)
     return model, source
 
 
-def _build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
+def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
     n = len(class_names)
     if opts.scratch:
         try:
@@ -311,17 +311,17 @@ def _build_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Deforma
             if isinstance(e, FinetuneError):
                 raise
             raise FinetuneError(f"bad model configuration: {e}") from None
-        model = DeformableDETR(cfg)
+        model = build_model(cfg)
         model.backbone.body.prepare_scratch_()  # no ImageNet weights: make the body trainable as a whole
         return model, f"random init ({cfg.variant}, ResNet-{cfg.backbone_depth}, d_model {cfg.d_model})"
     path = resolve_model_path(opts.model)
     cfg, sd, layout = read_weights(path)
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
-        model = DeformableDETR(cfg)
+        model = build_model(cfg)
         load_state_dict_strict(model, sd, source=str(path))
         return model, f"{path} ({layout}), all weights kept"
     new_cfg = dataclasses.replace(cfg, num_classes=n, class_names=list(class_names))
-    model = DeformableDETR(new_cfg)
+    model = build_model(new_cfg)
     own = model.state_dict()
     # Keep every tensor but the class heads, which take the fresh (prior-biased) init.
     sd = {k: v for k, v in sd.items() if "class_embed" not in k}
@@ -517,13 +517,13 @@ class Trainer:
 
         if state is not None:
             cfg = ModelConfig.from_dict(state["model_config"])
-            self.model = DeformableDETR(cfg)
+            self.model = build_model(cfg)
             if o.scratch:  # same trainable set (hence optimizer layout) as the interrupted run
                 self.model.backbone.body.prepare_scratch_()
             load_state_dict_strict(self.model, state["model"], source="last.pt")
             self.model_source = f"resumed from {run_dir / 'last.pt'}"
         else:
-            self.model, self.model_source = build_model(self.train_set.class_names, o)
+            self.model, self.model_source = starting_model(self.train_set.class_names, o)
         self.model.to(device).train()
         self.cfg = self.model.cfg
 

@@ -27,7 +27,7 @@ import torch
 
 from .classes import coco_class_names
 from .config import ModelConfig
-from .model import DeformableDETR
+from .model import DeformableDETR, build_model
 
 FORMAT_KEY = "ddetr_config"
 FORMAT_VERSION = "1"
@@ -336,7 +336,7 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeformableDETR:
     """Build the model described by a weights file/folder and load it strictly, in eval mode."""
     cfg, sd, layout = read_weights(path)
-    model = DeformableDETR(cfg)
+    model = build_model(cfg)
     load_state_dict_strict(model, sd, source=f"{path} ({layout} layout)")
     return model.to(device).eval()
 
