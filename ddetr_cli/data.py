@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,19 +136,24 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def to_coco_dict(self) -> dict:
-        """COCO ground truth (category ids 1..C in class order, bbox xywh) for pycocotools."""
+    def to_coco_dict(self, records: Sequence[Record] | None = None,
+                     category_ids: Sequence[int] | None = None) -> dict:
+        """COCO ground truth for pycocotools (bbox xywh, area w*h) of ``records`` (default all).
+
+        ``category_ids[label]`` numbers the categories (default 1..C in class order).
+        """
+        cat_ids = list(category_ids) if category_ids is not None else list(range(1, len(self.class_names) + 1))
         images, annotations = [], []
-        for r in self.records:
-            images.append({"id": r.image_id, "file_name": r.path.name,
+        for r in self.records if records is None else records:
+            images.append({"id": int(r.image_id), "file_name": r.path.name,
                            "width": r.width, "height": r.height})
             for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
                 w, h = x2 - x1, y2 - y1
-                annotations.append({"id": len(annotations) + 1, "image_id": r.image_id,
-                                    "category_id": label + 1, "bbox": [x1, y1, w, h],
+                annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id),
+                                    "category_id": cat_ids[label], "bbox": [x1, y1, w, h],
                                     "area": w * h, "iscrowd": 0, "segmentation": []})
-        categories = [{"id": i + 1, "name": n, "supercategory": "none"}
-                      for i, n in enumerate(self.class_names)]
+        categories = [{"id": c, "name": n, "supercategory": "none"}
+                      for c, n in zip(cat_ids, self.class_names)]
         return {"info": {"description": f"{self.root} ({self.format}, {self.split})"},
                 "licenses": [], "images": images, "annotations": annotations,
                 "categories": categories}

@@ -191,14 +191,23 @@ def postprocess(
     return out
 
 
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' -> first CUDA GPU if there is one, else CPU; otherwise as given (validated)."""
-    if device in (None, "auto", ""):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA GPU ``local_rank`` if CUDA exists, else CPU; otherwise 'cpu', 'cuda'/'gpu'
+    (GPU ``local_rank``), 'cuda:N' or 'N'. Raises ValueError for an unusable request."""
+    req = "auto" if device in (None, "") else str(device).strip().lower()
+    if req == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if req in ("cuda", "gpu"):
+        req = f"cuda:{local_rank}"
+    elif req.isdigit():
+        req = f"cuda:{req}"
+    try:
+        dev = torch.device(req)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     return dev

@@ -194,15 +194,7 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
         categories = [{**c, **by_id.get(c["id"], {})} for c in categories]  # keep the file's supercategories
         return {"info": raw.get("info") or {}, "licenses": [], "images": images,
                 "annotations": annotations, "categories": categories}
-    images, annotations = [], []
-    for r in records:
-        images.append({"id": int(r.image_id), "file_name": r.path.name, "width": r.width, "height": r.height})
-        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
-            w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id), "category_id": cat_ids[label],
-                                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0, "segmentation": []})
-    return {"info": {"description": f"{dataset.root} ({dataset.format}, {dataset.split})"}, "licenses": [],
-            "images": images, "annotations": annotations, "categories": categories}
+    return dataset.to_coco_dict(records, cat_ids)
 
 
 # --------------------------------------------------------------------------- COCOeval
@@ -487,7 +479,7 @@ def evaluate(
                     sx, sy = r.width / w, r.height / h
                     if (h, w) != (r.height, r.width):
                         rescaled += 1  # annotations made for another size: score in their pixels
-                    predictions += _to_results(dets, int(r.image_id), mapping.label_to_cat, sx, sy)
+                    predictions += to_coco_results(dets, int(r.image_id), mapping.label_to_cat, sx, sy)
                 used += ok_recs
             done += len(b)
             if progress is not None:
@@ -545,7 +537,7 @@ def evaluate(
     return res
 
 
-def _to_results(dets: Any, image_id: int, label_to_cat: dict[int, int], sx: float = 1.0, sy: float = 1.0) -> list[dict]:
+def to_coco_results(dets: Any, image_id: int, label_to_cat: dict[int, int], sx: float = 1.0, sy: float = 1.0) -> list[dict]:
     """sv.Detections (xyxy pixels) -> COCO results rows; labels without a category are dropped.
 
     Values are rounded here, before scoring, so the saved file re-scores to the same numbers.

@@ -51,11 +51,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from .config import ModelConfig
+from .detector import pick_device as detector_pick_device
+from .detector import postprocess
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
 from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
 from .losses import SetCriterion
-from .matcher import HungarianMatcher, box_cxcywh_to_xyxy
+from .matcher import HungarianMatcher
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
@@ -185,18 +187,11 @@ def dist_from_env() -> DistInfo:
 
 
 def pick_device(requested: str | None, info: DistInfo) -> torch.device:
-    if requested in (None, "", "auto"):
-        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    req = str(requested).strip().lower()
-    if req == "cpu":
-        return torch.device("cpu")
-    if req in ("cuda", "gpu") or req.isdigit() or req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FinetuneError(f"--device {requested}: CUDA is not available on this machine")
-        if req.isdigit():
-            return torch.device(f"cuda:{int(req)}")
-        return torch.device(req if ":" in req else f"cuda:{info.local_rank}")
-    raise FinetuneError(f"--device {requested!r}: expected cpu, cuda, cuda:N or N")
+    """--device for this process (under torchrun 'auto'/'cuda' mean the process's own GPU)."""
+    try:
+        return detector_pick_device(requested, info.local_rank)
+    except ValueError as e:
+        raise FinetuneError(f"--{e}") from None
 
 
 def _broadcast(obj: Any, info: DistInfo) -> Any:
@@ -372,54 +367,29 @@ class ModelEMA:
 
 
 @torch.no_grad()
-def predict_coco(model: DeformableDETR, images: torch.Tensor, mask: torch.Tensor, targets: list[dict], top_k: int = 100) -> list[dict]:
-    """COCO result dicts (category ids 1..C, bbox xywh in original pixels) for one batch."""
-    out = model(images, mask)
-    logits, boxes = out["logits"].float(), out["boxes"].float()
-    b, q, c = logits.shape
-    scores, idx = logits.sigmoid().flatten(1).topk(min(top_k, q * c), dim=1)
-    qi, labels = idx // c, idx % c
-    xyxy = box_cxcywh_to_xyxy(torch.gather(boxes, 1, qi[..., None].expand(-1, -1, 4)))
-    res = []
-    for i, t in enumerate(targets):
-        h, w = t["orig_size"]
-        bx = (xyxy[i] * torch.tensor([w, h, w, h], dtype=xyxy.dtype, device=xyxy.device)).cpu().tolist()
-        for (x1, y1, x2, y2), s, lab in zip(bx, scores[i].cpu().tolist(), labels[i].cpu().tolist()):
-            res.append({"image_id": t["image_id"], "category_id": lab + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
-    return res
-
-
-def evaluate_map(model: DeformableDETR, dataset: Dataset, imgsz: int, device: torch.device, batch: int = 4,
+def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.device, batch: int = 4,
                  workers: int = 0) -> dict[str, float]:
-    """COCO mAP of ``model`` on ``dataset``: {"AP", "AP50", "AP75"} (fractions, 0 if nothing found).
+    """COCO mAP of ``model`` on ``dataset``: {"AP", "AP50", "AP75"} (fractions, 0 if undefined).
 
-    Internal stand-in until evaluate.py provides the shared implementation.
+    The same post-processing (top 100, no threshold) and COCOeval as ``ddetr eval``.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from .evaluate import coco_metrics, dataset_category_ids, ground_truth, to_coco_results
 
     was_training = model.training
     model.eval()
     ds = TrainSet(dataset.records, imgsz, seed=0, train=False)
     keys = [(i, 0) for i in range(len(ds))]
     loader = _loader(ds, [keys[j : j + batch] for j in range(0, len(keys), batch)], workers, device.type == "cuda")
+    label_to_cat = dict(enumerate(dataset_category_ids(dataset)))
     results: list[dict] = []
     for images, mask, targets in loader:
-        results += predict_coco(model, images.to(device), mask.to(device), targets)
+        out = model(images.to(device), mask.to(device))
+        dets = postprocess(out["logits"], out["boxes"], [t["orig_size"] for t in targets], conf=0.0, max_det=100)
+        for d, t in zip(dets, targets):
+            results += to_coco_results(d, int(t["image_id"]), label_to_cat)
     model.train(was_training)
-    gt = dataset.to_coco_dict()
-    if not results or not gt["annotations"]:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(results), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    st = [max(float(s), 0.0) for s in ev.stats[:3]]  # -1 means "no such objects"
-    return {"AP": st[0], "AP50": st[1], "AP75": st[2]}
+    m = coco_metrics(ground_truth(dataset), results)
+    return {k: m[k] or 0.0 for k in ("AP", "AP50", "AP75")}
 
 
 # ---------------------------------------------------------------------------------------------
