@@ -510,7 +510,7 @@ def finetune(
     save_period: Annotated[Optional[int], typer.Option("--save-period", help="Steps between resumable checkpoints.", min=0)] = None,
     name: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Parent folder of run folders (default runs/finetune).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'latest' or a run folder.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'latest' or a run folder (a larger --epochs/--max-steps extends it).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Less output.")] = False,
 ) -> None:
     """Fine-tune on your own labeled images; the best model is registered by name.
@@ -522,6 +522,8 @@ def finetune(
       ddetr finetune ./mydata --scratch --arch backbone_depth=18 --arch d_model=128 --imgsz 320
 
       ddetr finetune --resume latest
+
+      ddetr finetune --resume runs/finetune/exp --epochs 80   # train a finished run longer
 
       torchrun --nproc-per-node 2 -m ddetr_cli finetune ./mydata --device cuda
     """
