@@ -214,6 +214,11 @@ class DETR(nn.Module):
     def inference_only(self) -> bool:
         return bool(getattr(self.backbone.body, "fused", False))
 
+    def freeze_mask_head(self) -> None:
+        """Keep the mask head fixed (box-only fine-tuning); training forwards then skip the masks."""
+        for p in list(self.bbox_attention.parameters()) + list(self.mask_head.parameters()):
+            p.requires_grad_(False)
+
     def _masks_wanted(self) -> bool:
         # Fine-tuning trains boxes only and freezes the mask head: skip its (Q-fold) work then.
         if not self.cfg.masks:

@@ -54,8 +54,9 @@ from .config import ModelConfig
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
 from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
-from .losses import SetCriterion
-from .matcher import HungarianMatcher, box_cxcywh_to_xyxy
+from .detector import select_detections
+from .losses import build_criterion
+from .matcher import box_cxcywh_to_xyxy
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
@@ -375,11 +376,8 @@ class ModelEMA:
 def predict_coco(model: DeformableDETR, images: torch.Tensor, mask: torch.Tensor, targets: list[dict], top_k: int = 100) -> list[dict]:
     """COCO result dicts (category ids 1..C, bbox xywh in original pixels) for one batch."""
     out = model(images, mask)
-    logits, boxes = out["logits"].float(), out["boxes"].float()
-    b, q, c = logits.shape
-    scores, idx = logits.sigmoid().flatten(1).topk(min(top_k, q * c), dim=1)
-    qi, labels = idx // c, idx % c
-    xyxy = box_cxcywh_to_xyxy(torch.gather(boxes, 1, qi[..., None].expand(-1, -1, 4)))
+    scores, qi, labels = select_detections(out["logits"], top_k, no_object=model.cfg.arch == "detr")
+    xyxy = box_cxcywh_to_xyxy(torch.gather(out["boxes"].float(), 1, qi[..., None].expand(-1, -1, 4)))
     res = []
     for i, t in enumerate(targets):
         h, w = t["orig_size"]
@@ -526,6 +524,8 @@ class Trainer:
             self.model, self.model_source = starting_model(self.train_set.class_names, o)
         self.model.to(device).train()
         self.cfg = self.model.cfg
+        if self.cfg.masks:  # boxes only: DETR's mask head keeps its weights (no mask targets here)
+            self.model.freeze_mask_head()
 
         lr_backbone = o.lr_backbone if o.lr_backbone is not None else o.lr / 10
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.lr, lr_backbone, o.weight_decay), lr=o.lr,
@@ -537,7 +537,7 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, o.ema_decay) if o.ema else None
-        self.criterion = SetCriterion(self.cfg.num_classes, HungarianMatcher())
+        self.criterion = build_criterion(self.cfg)
         self.ddp_model: nn.Module = self.model
         if info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
