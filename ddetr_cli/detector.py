@@ -157,19 +157,20 @@ def select_detections(
     ``post_process_object_detection``; a query whose label is not in ``classes`` scores 0.
     """
     logits = logits.float()
+    c = logits.shape[-1] - (1 if no_object else 0)
+    keep = None
+    if classes is not None:
+        keep = torch.zeros(c, dtype=torch.bool, device=logits.device)
+        keep[[k for k in classes if 0 <= k < c]] = True
     if no_object:
         scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        if classes is not None:
-            keep = torch.zeros(logits.shape[-1] - 1, dtype=torch.bool, device=logits.device)
-            keep[[k for k in classes if 0 <= k < len(keep)]] = True
+        if keep is not None:
             scores = scores * keep[labels]
         scores, query = scores.topk(min(max_det, scores.shape[1]), dim=1)
         return scores, query, torch.gather(labels, 1, query)
     prob = logits.sigmoid()
-    b, q, c = prob.shape
-    if classes is not None:
-        keep = torch.zeros(c, dtype=torch.bool, device=prob.device)
-        keep[[k for k in classes if 0 <= k < c]] = True
+    b, q, _ = prob.shape
+    if keep is not None:
         prob = prob * keep
     scores, idx = prob.view(b, -1).topk(min(max_det, q * c), dim=1)
     return scores, idx // c, idx % c
@@ -183,11 +184,13 @@ def masks_to_image(masks: torch.Tensor, padded_hw: tuple[int, int], valid_hw: tu
     masks (K, h, w) logits over the padded input (Hp, Wp) = ``padded_hw``; ``valid_hw`` = the
     resized image inside the padding; ``size`` = original (H, W) -> (K, H, W) bool.
     """
-    if masks.shape[0] == 0:
-        return np.zeros((0, *size), dtype=bool)
-    up = F.interpolate(masks.float()[None], size=tuple(padded_hw), mode="bilinear", align_corners=False)
-    binary = (up.sigmoid() > threshold)[:, :, : valid_hw[0], : valid_hw[1]].float()
-    return (F.interpolate(binary, size=tuple(size), mode="nearest")[0] > 0.5).cpu().numpy()
+    out = np.zeros((masks.shape[0], *size), dtype=bool)
+    for start in range(0, masks.shape[0], 16):  # chunks: full-size float maps of 100 masks are ~0.4 GB
+        chunk = masks[start : start + 16].float()[None]
+        up = F.interpolate(chunk, size=tuple(padded_hw), mode="bilinear", align_corners=False)
+        binary = (up.sigmoid() > threshold)[:, :, : valid_hw[0], : valid_hw[1]].float()
+        out[start : start + 16] = (F.interpolate(binary, size=tuple(size), mode="nearest")[0] > 0.5).cpu().numpy()
+    return out
 
 
 def postprocess(

@@ -4,6 +4,8 @@ The recipe is the reference one (Hungarian matching, focal/L1/GIoU losses with a
 encoder terms, AdamW with a 10x smaller backbone lr and 0.1x for sampling offsets / reference
 points, grad clip 0.1, one StepLR drop, flip + multi-scale resize/crop), plus AMP on GPU, EMA
 weights, gradient accumulation, early stopping on val mAP and DDP through ``torchrun``.
+DETR models (``arch: detr``) train with DETR's own loss (``losses.build_criterion``); a DETR mask
+head is kept frozen (boxes only: the datasets here have no masks).
 
 A run lives in ``<out>/expN`` (``out`` defaults to ``runs/finetune``)::
 

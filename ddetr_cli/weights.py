@@ -28,7 +28,7 @@ import torch
 
 from .classes import coco_class_names
 from .config import ModelConfig
-from .model import DeformableDETR, build_model
+from .model import build_model
 
 FORMAT_KEY = "ddetr_config"
 FORMAT_VERSION = "1"
@@ -351,7 +351,7 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     return config_from_official(ckpt.get("args"), sd), sd, layout
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeformableDETR:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model described by a weights file/folder and load it strictly, in eval mode."""
     cfg, sd, layout = read_weights(path)
     model = build_model(cfg)
@@ -365,7 +365,7 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: own[k].detach().cpu().contiguous() for k in alias_groups(model)}
 
 
-def save_model(model: DeformableDETR, path: str | Path, extra_meta: dict[str, str] | None = None) -> Path:
+def save_model(model: torch.nn.Module, path: str | Path, extra_meta: dict[str, str] | None = None) -> Path:
     """Write the project's own format atomically: a .safetensors with the config in its metadata."""
     from safetensors.torch import save_file
 
