@@ -119,17 +119,22 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
             cin = cout
             self.channels.append(cout)
+        self.stage_channels = list(self.channels)  # C2..C5 (DETR's mask head also uses C2)
         self.channels = self.channels[1:]  # C3, C4, C5
         self.strides = [8, 16, 16 if dilation else 32]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32 or H/16, ...)]."""
+        return self.forward_stages(x)[1:]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, 3, H, W) -> [C2 (B, c2, H/4, W/4), C3, C4, C5]: every stage's output."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
-        x = self.layer1(x)
-        c3 = self.layer2(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5]
 
     @torch.no_grad()
     def fuse_bn_(self) -> "ResNet":

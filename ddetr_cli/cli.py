@@ -490,7 +490,7 @@ def finetune(
     data: Annotated[Optional[str], typer.Argument(help="Dataset folder (COCO, YOLO or Pascal VOC; detected).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
     scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
-    variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage, detr, detr-dc5.")] = None,
     arch: Annotated[Optional[list[str]], typer.Option("--arch", help="With --scratch: KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for all five Deformable DETR variants."""
+"""Model configuration: one dataclass for the five Deformable DETR variants and DETR."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "multi-scale": {},
     "box-refine": {"with_box_refine": True},
     "two-stage": {"with_box_refine": True, "two_stage": True},
+    # the original DETR (Carion et al., 2020): C5 only, 100 queries, 2048-wide feed-forward
+    "detr": {"arch": "detr", "num_feature_levels": 1, "num_queries": 100, "dim_feedforward": 2048},
+    "detr-dc5": {"arch": "detr", "num_feature_levels": 1, "num_queries": 100, "dim_feedforward": 2048, "dilation": True},
 }
 
 
@@ -61,8 +64,12 @@ class ModelConfig:
         if self.two_stage and not self.with_box_refine:
             # The published two-stage model always refines; the heads' sharing assumes it.
             raise ValueError("two_stage requires with_box_refine")
-        if self.d_model % 32 or self.d_model % self.nheads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by 32 (GroupNorm) and by nheads={self.nheads}")
+        if self.d_model % self.nheads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by nheads={self.nheads}")
+        if self.arch == "deformable-detr" and self.d_model % 32:
+            raise ValueError(f"d_model={self.d_model} must be divisible by 32 (GroupNorm of the input projections)")
+        if self.arch == "detr":
+            self._check_detr()
         if self.backbone_depth not in (18, 34, 50, 101):
             raise ValueError(f"backbone_depth must be 18, 34, 50 or 101, got {self.backbone_depth}")
         if self.backbone_width < 8 or self.backbone_width % 8:
@@ -72,6 +79,17 @@ class ModelConfig:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
+    def _check_detr(self) -> None:
+        if self.backbone != "resnet":
+            raise ValueError("DETR is implemented with a ResNet backbone only")
+        if self.num_feature_levels != 1 or self.with_box_refine or self.two_stage:
+            raise ValueError("DETR uses one feature level (num_feature_levels=1), no box refinement, no two-stage")
+        # the mask head's GroupNorms: min(8, C) groups over d_model + nheads, d/2, d/4, d/8, d/16 channels
+        widths = [self.d_model + self.nheads] + [self.d_model // k for k in (2, 4, 8, 16)]
+        if self.masks and (self.d_model % 16 or any(c % min(8, c) for c in widths)):
+            raise ValueError(f"the mask head needs d_model divisible by 16 and d_model + nheads and d_model/16 "
+                             f"divisible by 8 (or d_model/16 < 8); got d_model={self.d_model}, nheads={self.nheads}")
+
     @classmethod
     def from_variant(cls, variant: str = "multi-scale", **overrides: Any) -> "ModelConfig":
         if variant not in VARIANTS:
@@ -80,6 +98,8 @@ class ModelConfig:
 
     @property
     def variant(self) -> str:
+        if self.arch == "detr":
+            return "detr-dc5" if self.dilation else "detr"
         if self.two_stage:
             return "two-stage"
         if self.with_box_refine:

@@ -18,10 +18,10 @@ import numpy as np
 import supervision as sv
 import torch
 from PIL import Image, ImageOps
+from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig
-from .model import DeformableDETR
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -143,6 +143,56 @@ def preprocess(
     return pixels, mask
 
 
+def select_detections(
+    logits: torch.Tensor,
+    max_det: int = 100,
+    classes: Sequence[int] | None = None,
+    no_object: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores -> the ``max_det`` best (score, query, label) per image, best first, each (B, K).
+
+    Deformable DETR (logits (B, Q, C), sigmoid): top-K over all Q*C scores, so a query may yield
+    several labels; ``classes`` zeroes the other labels first. DETR (``no_object``, logits
+    (B, Q, C+1), softmax): each query's best real class and its probability, as transformers'
+    ``post_process_object_detection``; a query whose label is not in ``classes`` scores 0.
+    """
+    logits = logits.float()
+    c = logits.shape[-1] - (1 if no_object else 0)
+    keep = None
+    if classes is not None:
+        keep = torch.zeros(c, dtype=torch.bool, device=logits.device)
+        keep[[k for k in classes if 0 <= k < c]] = True
+    if no_object:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        if keep is not None:
+            scores = scores * keep[labels]
+        scores, query = scores.topk(min(max_det, scores.shape[1]), dim=1)
+        return scores, query, torch.gather(labels, 1, query)
+    prob = logits.sigmoid()
+    b, q, _ = prob.shape
+    if keep is not None:
+        prob = prob * keep
+    scores, idx = prob.view(b, -1).topk(min(max_det, q * c), dim=1)
+    return scores, idx // c, idx % c
+
+
+def masks_to_image(masks: torch.Tensor, padded_hw: tuple[int, int], valid_hw: tuple[int, int],
+                   size: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """One image's mask logits -> bool masks in original pixels, as DETR's PostProcessSegm: bilinear
+    to the padded input size, sigmoid > threshold, crop the resized image, nearest to the original.
+
+    masks (K, h, w) logits over the padded input (Hp, Wp) = ``padded_hw``; ``valid_hw`` = the
+    resized image inside the padding; ``size`` = original (H, W) -> (K, H, W) bool.
+    """
+    out = np.zeros((masks.shape[0], *size), dtype=bool)
+    for start in range(0, masks.shape[0], 16):  # chunks: full-size float maps of 100 masks are ~0.4 GB
+        chunk = masks[start : start + 16].float()[None]
+        up = F.interpolate(chunk, size=tuple(padded_hw), mode="bilinear", align_corners=False)
+        binary = (up.sigmoid() > threshold)[:, :, : valid_hw[0], : valid_hw[1]].float()
+        out[start : start + 16] = (F.interpolate(binary, size=tuple(size), mode="nearest")[0] > 0.5).cpu().numpy()
+    return out
+
+
 def postprocess(
     logits: torch.Tensor,
     boxes: torch.Tensor,
@@ -151,24 +201,24 @@ def postprocess(
     max_det: int = 100,
     classes: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
+    *,
+    no_object: bool = False,
+    masks: torch.Tensor | None = None,
+    pad_mask: torch.Tensor | None = None,
 ) -> list[sv.Detections]:
     """Model outputs -> per-image detections in pixels of the original images.
 
-    logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, sizes [(h, w)] of the original images.
-    Top-``max_det`` over all Q*C sigmoid scores (a query may yield several labels), then the
-    ``conf`` threshold; ``classes`` keeps only those label ids (applied before top-k).
+    logits (B, Q, C) (or (B, Q, C+1) with ``no_object``: DETR), boxes (B, Q, 4) cxcywh
+    normalised, sizes [(h, w)] of the original images; see :func:`select_detections` for the
+    scoring, then the ``conf`` threshold. With ``masks`` (B, Q, h, w) logits (DETR's mask head)
+    and ``pad_mask`` (B, Hp, Wp) True on padding (from :func:`preprocess`), ``Detections.mask``
+    holds (N, H, W) bool masks in original pixels.
     """
-    prob = logits.float().sigmoid()
-    b, q, c = prob.shape
-    if classes is not None:
-        keep = torch.zeros(c, dtype=torch.bool, device=prob.device)
-        keep[[k for k in classes if 0 <= k < c]] = True
-        prob = prob * keep
-    k = min(max_det, q * c)
-    scores, idx = prob.view(b, -1).topk(k, dim=1)
-    query, labels = idx // c, idx % c
+    scores, query, labels = select_detections(logits, max_det, classes, no_object)
     cx, cy, w, h = boxes.float().unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    if masks is not None and pad_mask is None:
+        raise ValueError("postprocess: masks need the pad_mask of the batch")
     out = []
     for i, (ih, iw) in enumerate(sizes):
         sel = torch.gather(xyxy[i], 0, query[i][:, None].expand(-1, 4))
@@ -180,9 +230,15 @@ def postprocess(
         data: dict[str, Any] = {}
         if class_names is not None:
             data["class_name"] = np.array([class_names[j] if j < len(class_names) and class_names[j] else str(j) for j in lab], dtype=object)
+        seg = None
+        if masks is not None:
+            valid = ~pad_mask[i]
+            valid_hw = (int(valid[:, 0].sum()), int(valid[0, :].sum()))
+            seg = masks_to_image(masks[i][query[i][ok]], tuple(pad_mask.shape[-2:]), valid_hw, (ih, iw))
         out.append(
             sv.Detections(
                 xyxy=sel[ok].cpu().numpy().astype(np.float32).reshape(-1, 4),
+                mask=seg,
                 confidence=scores[i][ok].cpu().numpy().astype(np.float32),
                 class_id=lab,
                 data=data,
@@ -218,7 +274,7 @@ class Detector:
 
     def __init__(
         self,
-        model: DeformableDETR,
+        model: nn.Module,
         device: str | torch.device | None = "auto",
         half: bool = False,
         imgsz: int | None = None,
@@ -259,9 +315,28 @@ class Detector:
     @torch.inference_mode()
     def forward_arrays(self, images: Sequence[np.ndarray]) -> dict:
         """RGB uint8 arrays -> raw model outputs (``logits``, ``boxes``) of one batch."""
+        return self._forward(images)[0]
+
+    @torch.inference_mode()
+    def _forward(self, images: Sequence[np.ndarray]) -> tuple[dict, torch.Tensor]:
+        """-> (raw outputs, padding mask (B, Hp, Wp) of the batch)."""
         pixels, mask = preprocess(images, self.imgsz, self.max_size, self.device)
         with self._autocast():
-            return self.model(pixels, mask)
+            return self.model(pixels, mask), mask
+
+    def decode(
+        self,
+        out: dict,
+        pad_mask: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+    ) -> list[sv.Detections]:
+        """Raw outputs of one batch (and its padding mask) -> detections per image, scored the
+        way the model family is (DETR: softmax with "no object"), with masks when it has a mask head."""
+        return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names,
+                           no_object=self.cfg.arch == "detr", masks=out.get("masks"), pad_mask=pad_mask)
 
     def predict_arrays(
         self,
@@ -271,9 +346,8 @@ class Detector:
         classes: Sequence[int] | None = None,
     ) -> list[sv.Detections]:
         """One batch of RGB uint8 arrays -> detections per image."""
-        out = self.forward_arrays(images)
-        sizes = [im.shape[:2] for im in images]
-        return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names)
+        out, pad_mask = self._forward(images)
+        return self.decode(out, pad_mask, [im.shape[:2] for im in images], conf, max_det, classes)
 
     def __call__(
         self,

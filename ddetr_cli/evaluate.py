@@ -325,7 +325,7 @@ def _predict_timed(detector: Any, images: list[np.ndarray], conf: float, max_det
     if isinstance(detector, Detector):
         import torch
 
-        from .detector import postprocess, preprocess
+        from .detector import preprocess
 
         def sync() -> None:
             if detector.device.type == "cuda":
@@ -340,8 +340,7 @@ def _predict_timed(detector: Any, images: list[np.ndarray], conf: float, max_det
                 out = detector.model(pixels, mask)
             sync()
             t2 = time.perf_counter()
-            dets = postprocess(out["logits"], out["boxes"], [im.shape[:2] for im in images], conf, max_det, classes,
-                               detector.class_names)
+            dets = detector.decode(out, mask, [im.shape[:2] for im in images], conf, max_det, classes)
             t3 = time.perf_counter()
         return dets, (t1 - t0, t2 - t1, t3 - t2)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Training losses of Deformable DETR: sigmoid focal classification, L1 and GIoU box losses on
+"""Training losses of Deformable DETR (and DETR: softmax CE, see DETRCriterion): sigmoid focal classification, L1 and GIoU box losses on
 Hungarian-matched pairs, for the final decoder layer, every auxiliary layer and (two-stage) the
 encoder proposals.
 
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
 from .matcher import HungarianMatcher, box_area, box_cxcywh_to_xyxy
 
 
@@ -77,15 +78,20 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"][ti.to(t["labels"].device)] for t, (_, ti) in zip(targets, indices)]).to(logits.device)
         tboxes = torch.cat([t["boxes"][ti.to(t["boxes"].device)] for t, (_, ti) in zip(targets, indices)]).to(boxes.device)
 
-        onehot = torch.zeros_like(logits, dtype=torch.float32)
-        onehot[b_idx, q_idx, labels] = 1.0
-        cls = sigmoid_focal_loss(logits.float(), onehot, self.alpha, self.gamma).sum() / num_boxes
+        cls = self._class_loss(logits, b_idx, q_idx, labels, num_boxes)
 
         pred = boxes[b_idx, q_idx].float()
         tboxes = tboxes.float()
         bbox = F.l1_loss(pred, tboxes, reduction="sum") / num_boxes
         giou = (1 - paired_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tboxes))).sum() / num_boxes
         return {"cls": cls, "bbox": bbox, "giou": giou}
+
+    def _class_loss(self, logits: torch.Tensor, b_idx: torch.Tensor, q_idx: torch.Tensor, labels: torch.Tensor,
+                    num_boxes: float) -> torch.Tensor:
+        """Focal loss over every (query, class), positives at the matched (b_idx, q_idx, labels)."""
+        onehot = torch.zeros_like(logits, dtype=torch.float32)
+        onehot[b_idx, q_idx, labels] = 1.0
+        return sigmoid_focal_loss(logits.float(), onehot, self.alpha, self.gamma).sum() / num_boxes
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         if num_boxes is None:
@@ -102,3 +108,34 @@ class SetCriterion(nn.Module):
                 losses[f"{k}_enc"] = v
         losses["loss"] = sum(self.weights[k.split("_")[0]] * v for k, v in losses.items())
         return losses
+
+
+class DETRCriterion(SetCriterion):
+    """DETR's loss: softmax cross-entropy over C+1 classes (the unmatched queries' target is the
+    last, "no object", class, weighted ``eos_coef``), L1 and GIoU on matched boxes, with the
+    matcher costing -p(class) instead of the focal cost.
+
+    The cross-entropy is the weighted mean over all queries, as in the reference (not divided by
+    the number of boxes); the box terms are normalised as in :class:`SetCriterion`.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, *, w_cls: float = 1.0,
+                 w_bbox: float = 5.0, w_giou: float = 2.0, eos_coef: float = 0.1) -> None:
+        super().__init__(num_classes, matcher or HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, softmax=True),
+                         w_cls=w_cls, w_bbox=w_bbox, w_giou=w_giou)
+        weight = torch.ones(num_classes + 1)
+        weight[-1] = eos_coef
+        self.register_buffer("class_weight", weight)
+
+    def _class_loss(self, logits: torch.Tensor, b_idx: torch.Tensor, q_idx: torch.Tensor, labels: torch.Tensor,
+                    num_boxes: float) -> torch.Tensor:
+        target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target[b_idx, q_idx] = labels
+        return F.cross_entropy(logits.float().transpose(1, 2), target, self.class_weight.to(logits.device))
+
+
+def build_criterion(cfg: ModelConfig) -> SetCriterion:
+    """The training loss of the model family ``cfg.arch`` describes, with its reference weights."""
+    if cfg.arch == "detr":
+        return DETRCriterion(cfg.num_classes)
+    return SetCriterion(cfg.num_classes, HungarianMatcher())

@@ -63,21 +63,26 @@ def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
-    ``w_class * focal_cost + w_bbox * L1(cxcywh) - w_giou * GIoU`` (scipy ``linear_sum_assignment``).
+    ``w_class * focal_cost + w_bbox * L1(cxcywh) - w_giou * GIoU`` (scipy ``linear_sum_assignment``);
+    with ``softmax`` (DETR) the class cost is ``-p(label)`` instead of the focal cost.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0) -> None:
+                 alpha: float = 0.25, gamma: float = 2.0, softmax: bool = False) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are zero")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
+        self.softmax = softmax  # DETR: class cost -p(label) under a softmax over C+1 logits
 
     def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, tboxes: torch.Tensor) -> torch.Tensor:
         """logits (Q, C), boxes (Q, 4), labels (K,), tboxes (K, 4) -> cost (Q, K) float32."""
         logits, boxes, tboxes = logits.float(), boxes.float(), tboxes.float()
-        c_cls = focal_class_cost(logits, labels, self.alpha, self.gamma)
+        if self.softmax:
+            c_cls = -logits.softmax(-1)[:, labels]
+        else:
+            c_cls = focal_class_cost(logits, labels, self.alpha, self.gamma)
         c_l1 = torch.cdist(boxes, tboxes, p=1)
         c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tboxes))
         return self.cost_bbox * c_l1 + self.cost_class * c_cls + self.cost_giou * c_giou

@@ -27,19 +27,20 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def sine_position_embedding(mask: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+def sine_position_embedding(mask: torch.Tensor, num_feats: int, temperature: float = 10000.0,
+                            offset: float = 0.5) -> torch.Tensor:
     """Normalised sine embedding of a padded feature map.
 
     mask (B, H, W) bool, True on padding -> (B, 2*num_feats, H, W), channels cat(y, x) with
-    sin/cos interleaved. Positions are normalised over the valid area with the -0.5 offset of
-    Deformable DETR.
+    sin/cos interleaved. Positions are normalised over the valid area; Deformable DETR subtracts
+    ``offset`` = 0.5 from the 1-based pixel index first, DETR does not (``offset=0``).
     """
     valid = (~mask).float()
     y = valid.cumsum(1)
     x = valid.cumsum(2)
     eps, scale = 1e-6, 2 * math.pi
-    y = (y - 0.5) / (y[:, -1:, :] + eps) * scale
-    x = (x - 0.5) / (x[:, :, -1:] + eps) * scale
+    y = (y - offset) / (y[:, -1:, :] + eps) * scale
+    x = (x - offset) / (x[:, :, -1:] + eps) * scale
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
     pos_x = x[..., None] / dim_t
@@ -449,4 +450,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     loaders and training use, so every model family goes through the same commands."""
     if cfg.arch == "deformable-detr":
         return DeformableDETR(cfg)
+    if cfg.arch == "detr":
+        from .detr import DETR  # detr.py builds on this module's parts
+
+        return DETR(cfg)
     raise ValueError(f"arch {cfg.arch!r} is not implemented yet")

@@ -24,6 +24,11 @@ HUB_MODELS: dict[str, tuple[str, str]] = {
     "deformable-detr-two-stage": ("SenseTime/deformable-detr-with-box-refine-two-stage", "++ two-stage, COCO 46.9 AP"),
     "deformable-detr-single-scale": ("SenseTime/deformable-detr-single-scale", "single-scale R50, COCO 39.4 AP"),
     "deformable-detr-single-scale-dc5": ("SenseTime/deformable-detr-single-scale-dc5", "single-scale DC5 R50, COCO 41.5 AP"),
+    "detr-resnet-50": ("facebook/detr-resnet-50", "DETR R50, COCO 42.0 AP"),
+    "detr-resnet-101": ("facebook/detr-resnet-101", "DETR R101, COCO 43.5 AP"),
+    "detr-resnet-50-dc5": ("facebook/detr-resnet-50-dc5", "DETR DC5 R50, COCO 43.3 AP"),
+    "detr-resnet-101-dc5": ("facebook/detr-resnet-101-dc5", "DETR DC5 R101, COCO 44.9 AP"),
+    "detr-resnet-50-panoptic": ("facebook/detr-resnet-50-panoptic", "DETR R50 + mask head, COCO panoptic 43.4 PQ"),
 }
 
 

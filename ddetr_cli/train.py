@@ -4,6 +4,8 @@ The recipe is the reference one (Hungarian matching, focal/L1/GIoU losses with a
 encoder terms, AdamW with a 10x smaller backbone lr and 0.1x for sampling offsets / reference
 points, grad clip 0.1, one StepLR drop, flip + multi-scale resize/crop), plus AMP on GPU, EMA
 weights, gradient accumulation, early stopping on val mAP and DDP through ``torchrun``.
+DETR models (``arch: detr``) train with DETR's own loss (``losses.build_criterion``); a DETR mask
+head is kept frozen (boxes only: the datasets here have no masks).
 
 A run lives in ``<out>/expN`` (``out`` defaults to ``runs/finetune``)::
 
@@ -56,8 +58,7 @@ from .detector import postprocess
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
 from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
-from .losses import SetCriterion
-from .matcher import HungarianMatcher
+from .losses import build_criterion
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
@@ -384,7 +385,8 @@ def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.d
     results: list[dict] = []
     for images, mask, targets in loader:
         out = model(images.to(device), mask.to(device))
-        dets = postprocess(out["logits"], out["boxes"], [t["orig_size"] for t in targets], conf=0.0, max_det=100)
+        dets = postprocess(out["logits"], out["boxes"], [t["orig_size"] for t in targets], conf=0.0, max_det=100,
+                           no_object=model.cfg.arch == "detr")
         for d, t in zip(dets, targets):
             results += to_coco_results(d, int(t["image_id"]), label_to_cat)
     model.train(was_training)
@@ -496,6 +498,8 @@ class Trainer:
             self.model, self.model_source = starting_model(self.train_set.class_names, o)
         self.model.to(device).train()
         self.cfg = self.model.cfg
+        if self.cfg.masks:  # boxes only: DETR's mask head keeps its weights (no mask targets here)
+            self.model.freeze_mask_head()
 
         lr_backbone = o.lr_backbone if o.lr_backbone is not None else o.lr / 10
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.lr, lr_backbone, o.weight_decay), lr=o.lr,
@@ -507,7 +511,7 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, o.ema_decay) if o.ema else None
-        self.criterion = SetCriterion(self.cfg.num_classes, HungarianMatcher())
+        self.criterion = build_criterion(self.cfg)
         self.ddp_model: nn.Module = self.model
         if info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(

@@ -1,4 +1,5 @@
-"""Reading and writing Deformable DETR weights in three layouts.
+"""Reading and writing Deformable DETR and DETR weights in three layouts (DETR's renaming
+tables live in ``detr_weights.py``).
 
 (a) ``hub``: a transformers/hub directory (``config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``), parameter names of transformers 4.x;
@@ -27,7 +28,7 @@ import torch
 
 from .classes import coco_class_names
 from .config import ModelConfig
-from .model import DeformableDETR, build_model
+from .model import build_model
 
 FORMAT_KEY = "ddetr_config"
 FORMAT_VERSION = "1"
@@ -136,13 +137,14 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     return key
 
 
-def hub_to_own(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 4.x names -> model names; q/k/v projections are packed into in_proj."""
+def hub_to_own(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]] | None = None) -> dict[str, torch.Tensor]:
+    """transformers 4.x names -> model names (``rules``: Deformable DETR's by default); separate
+    q/k/v projections of an attention are packed into its ``in_proj``."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
-        k = _rename(k, _HUB_RULES)
-        m = re.match(r"^(transformer\.decoder\.layers\.\d+\.self_attn)\.([qkv])_proj\.(weight|bias)$", k)
+        k = _rename(k, _HUB_RULES if rules is None else rules)
+        m = re.match(r"^(transformer\.(?:en|de)coder\.layers\.\d+\.\w+)\.([qkv])_proj\.(weight|bias)$", k)
         if m:
             qkv.setdefault(f"{m.group(1)}.in_proj_{m.group(3)}", {})[m.group(2)] = v
         else:
@@ -173,6 +175,14 @@ def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # configs
 
 
+def hub_class_names(cfg: dict) -> tuple[int, list[str]]:
+    """A hub config's (class count, names); placeholder names ("N/A", "LABEL_3") become ""."""
+    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    num_classes = cfg.get("num_labels") or (max(id2label) + 1 if id2label else 91)
+    names = [id2label.get(i, "") for i in range(num_classes)]
+    return num_classes, ["" if n in ("N/A", f"LABEL_{i}") else n for i, n in enumerate(names)]
+
+
 def config_from_hub(cfg: dict) -> ModelConfig:
     """transformers DeformableDetrConfig dict -> ModelConfig."""
     if not cfg.get("use_timm_backbone", True) or cfg.get("backbone_config"):
@@ -181,10 +191,7 @@ def config_from_hub(cfg: dict) -> ModelConfig:
     m = re.fullmatch(r"resnet(18|34|50|101)", backbone)
     if not m:
         raise WeightsError(f"unsupported backbone {backbone!r}; supported: resnet18/34/50/101")
-    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
-    num_classes = cfg.get("num_labels") or (max(id2label) + 1 if id2label else 91)
-    names = [id2label.get(i, "") for i in range(num_classes)]
-    names = ["" if n in ("N/A", f"LABEL_{i}") else n for i, n in enumerate(names)]
+    num_classes, names = hub_class_names(cfg)
     two_stage = bool(cfg.get("two_stage", False))
     num_queries = int(cfg.get("two_stage_num_proposals", 300) if two_stage else cfg.get("num_queries", 300))
     return ModelConfig(
@@ -309,9 +316,9 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
             hub_cfg = json.loads((d / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise WeightsError(f"{d / 'config.json'} is not valid JSON ({e})") from None
-        if hub_cfg.get("model_type", "deformable_detr") != "deformable_detr":
-            raise WeightsError(f"{d} holds a {hub_cfg.get('model_type')!r} model, not deformable_detr")
-        cfg = config_from_hub(hub_cfg)
+        model_type = hub_cfg.get("model_type", "deformable_detr")
+        if model_type not in ("deformable_detr", "detr"):
+            raise WeightsError(f"{d} holds a {model_type!r} model, not deformable_detr or detr")
         st = d / "model.safetensors"
         if st.is_file():
             raw = _load_safetensors(st)
@@ -319,7 +326,13 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
             raw = _torch_load(d / "pytorch_model.bin")
             if not isinstance(raw, dict):
                 raise WeightsError(f"{d / 'pytorch_model.bin'} does not hold a state dict")
-        return cfg, hub_to_own(_strip_wrappers(raw)), layout
+        raw = _strip_wrappers(raw)
+        if model_type == "detr":
+            from .detr_weights import read_detr_hub
+
+            cfg, sd = read_detr_hub(hub_cfg, raw)
+            return cfg, sd, layout
+        return config_from_hub(hub_cfg), hub_to_own(raw), layout
     ckpt = _torch_load(p)
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{p} does not hold a checkpoint dict")
@@ -327,13 +340,18 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{p} has no tensor state dict under 'model'")
     sd = _strip_wrappers(sd)
-    if any(k.startswith("model.backbone.conv_encoder") for k in sd):
+    if any(k.startswith(("model.backbone.conv_encoder", "detr.model.backbone.conv_encoder")) for k in sd):
         raise WeightsError(f"{p} holds transformers-layout weights: put it in a folder with its config.json")
+    from .detr_weights import is_detr_official, read_detr_official
+
+    if is_detr_official(sd):
+        cfg, sd = read_detr_official(ckpt.get("args"), sd, p.name)
+        return cfg, sd, layout
     sd = official_to_own(sd)
     return config_from_official(ckpt.get("args"), sd), sd, layout
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeformableDETR:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model described by a weights file/folder and load it strictly, in eval mode."""
     cfg, sd, layout = read_weights(path)
     model = build_model(cfg)
@@ -347,7 +365,7 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: own[k].detach().cpu().contiguous() for k in alias_groups(model)}
 
 
-def save_model(model: DeformableDETR, path: str | Path, extra_meta: dict[str, str] | None = None) -> Path:
+def save_model(model: torch.nn.Module, path: str | Path, extra_meta: dict[str, str] | None = None) -> Path:
     """Write the project's own format atomically: a .safetensors with the config in its metadata."""
     from safetensors.torch import save_file
 

@@ -1,4 +1,4 @@
-"""Builders for transformers' reference Deformable DETR with random, perturbed weights.
+"""Builders for transformers' reference Deformable DETR and DETR with random, perturbed weights.
 
 Used by the parity tests: the project's model must reproduce this one, loaded from the files
 transformers itself writes.
@@ -72,7 +72,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
             t.copy_(r * (1.0 / fan_in) ** 0.5)
         elif t.dim() == 2:
             t.copy_(r * (1.0 / t.shape[1]) ** 0.5)
-        elif name.endswith(".weight") and ("norm" in name or "bn" in name or "downsample.1" in name or ".1.weight" in name):
+        elif name.endswith(".weight") and ("norm" in name or "bn" in name or ".gn" in name or "downsample.1" in name or ".1.weight" in name):
             t.copy_(1.0 + 0.1 * r)
         else:
             t.copy_(0.1 * r)
@@ -83,6 +83,47 @@ def make_hf_model(variant: str, seed: int = 0, **cfg_kw):
 
     torch.manual_seed(seed)
     model = DeformableDetrForObjectDetection(hf_config(variant, **cfg_kw)).eval()
+    perturb_(model, seed)
+    return model
+
+
+DETR_SMALL = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=8,  # the mask head's GroupNorm(8) needs d_model + heads divisible by 8
+    decoder_attention_heads=8,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    num_queries=12,
+)
+
+
+def detr_hf_config(backbone: str = "resnet18", num_labels: int = 7, dilation: bool = False, timm: bool = True):
+    """A small transformers DetrConfig (random init, offline); ``timm=False`` uses transformers'
+    own ResNet (the "no_timm" hub layout) of the same depth."""
+    from transformers import DetrConfig, ResNetConfig
+
+    id2label = {i: f"class{i}" for i in range(num_labels)}
+    kw = dict(DETR_SMALL, id2label=id2label, label2id={v: k for k, v in id2label.items()}, dilation=dilation,
+              use_pretrained_backbone=False)
+    if timm:
+        return DetrConfig(use_timm_backbone=True, backbone=backbone, **kw)
+    depth = int(backbone.removeprefix("resnet"))
+    layout = {18: ("basic", [2, 2, 2, 2]), 50: ("bottleneck", [3, 4, 6, 3])}[depth]
+    mult = 4 if layout[0] == "bottleneck" else 1
+    bc = ResNetConfig(layer_type=layout[0], depths=layout[1], hidden_sizes=[64 * 2**i * mult for i in range(4)],
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    return DetrConfig(use_timm_backbone=False, backbone=None, backbone_config=bc, **kw)
+
+
+def make_hf_detr(segmentation: bool = False, seed: int = 0, **cfg_kw):
+    """transformers DetrForObjectDetection (or DetrForSegmentation) with perturbed random weights."""
+    from transformers import DetrForObjectDetection, DetrForSegmentation
+
+    torch.manual_seed(seed)
+    cls = DetrForSegmentation if segmentation else DetrForObjectDetection
+    model = cls(detr_hf_config(**cfg_kw)).eval()
     perturb_(model, seed)
     return model
 
