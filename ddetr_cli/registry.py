@@ -128,6 +128,8 @@ def pull(name: str) -> Path:
     repo = HUB_MODELS[name][0]
     try:
         folder = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+        if not (Path(folder) / "model.safetensors").is_file():  # older repos hold only the pickle
+            folder = snapshot_download(repo, allow_patterns=["config.json", "pytorch_model.bin"])
     except Exception as e:  # offline, unreachable, rate-limited: all mean "not available here"
         raise ModelNotAvailable(
             f"model {name!r} is not cached and {repo} could not be downloaded ({type(e).__name__}). "

@@ -102,12 +102,15 @@ class _FakeHub(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def test_pull_from_local_hub_then_offline(tmp_path):
-    """`ddetr weights pull` downloads through huggingface-hub from a hub server on 127.0.0.1,
-    converts once, and afterwards works offline."""
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin-only"])
+def test_pull_from_local_hub_then_offline(tmp_path, safetensors):
+    """`ddetr weights pull` downloads through huggingface-hub from a hub server on 127.0.0.1
+    (a repo with model.safetensors, or one with only pytorch_model.bin), converts once, and
+    afterwards works offline."""
     hub = tmp_path / "served"
     hf = make_hf_model("multi-scale", num_labels=91)
-    save_hub(hf, hub)
+    save_hub(hf, hub, safetensors=safetensors)
+    assert (hub / "model.safetensors").is_file() == safetensors
     handler = type("H", (_FakeHub,), {"folder": hub, "repo": "SenseTime/deformable-detr", "requests": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
