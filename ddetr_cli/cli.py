@@ -384,7 +384,8 @@ def eval_cmd(
 ) -> None:
     """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data.
 
-    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json.
+    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json. Mask AP is
+    reported beside box AP when the dataset has segmentations and the model has a mask head.
 
     Examples:
 

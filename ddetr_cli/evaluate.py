@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .data import Dataset, DatasetError, Record
+from .data import Dataset, DatasetError, Record, _coco_segmentation
 from .export import atomic_write_text
 from .masks import instance_polygons
 
@@ -192,7 +192,9 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
                 x, y, w, h = (float(v) for v in a["bbox"])
             except (KeyError, TypeError, ValueError):
                 continue
-            a = dict(a, bbox=[x, y, w, h], iscrowd=int(a.get("iscrowd", 0) or 0))
+            # a malformed segmentation becomes [] (no mask) instead of crashing pycocotools
+            a = dict(a, bbox=[x, y, w, h], iscrowd=int(a.get("iscrowd", 0) or 0),
+                     segmentation=_coco_segmentation(a.get("segmentation")))
             a.setdefault("area", w * h)
             a["id"] = len(annotations) + 1  # ids must be unique for pycocotools; some exports repeat them
             annotations.append(a)
@@ -251,6 +253,11 @@ def run_cocoeval(gt: dict, predictions: Sequence[dict], iou_type: str = "bbox"):
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+def _box_polygon(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = bbox
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
 
 
 def _stats_dict(stats: Sequence[float]) -> dict[str, float | None]:
@@ -539,7 +546,10 @@ def evaluate(
     model_masks = masks_seen or bool(getattr(getattr(detector, "cfg", None), "masks", False))
     if want_masks and model_masks:
         if gt_has_masks(gt):
-            ev_segm = run_cocoeval(gt, predictions, "segm")
+            # crowd regions without a mask are ignored by their box, as in the box evaluation
+            segm_gt = dict(gt, annotations=[a if a.get("segmentation") else dict(a, segmentation=[_box_polygon(a["bbox"])])
+                                            for a in gt["annotations"]])
+            ev_segm = run_cocoeval(segm_gt, predictions, "segm")
             mask_metrics = _stats_dict(ev_segm.stats)
             for row, mrow in zip(rows, per_class_ap(ev_segm, gt)):
                 row.update({f"mask_{k}": mrow[k] for k in ("AP", "AP50", "AP75")})

@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 import supervision as sv
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -404,6 +403,24 @@ def test_no_mask_ap_without_masks(masked_dataset: Path, tmp_path: Path) -> None:
     stub.predict_arrays = boxes_only
     res = evaluate(stub, ds, workers=1)
     assert res.mask_metrics is None and res.to_dict()["mask_metrics"] is None
+    assert res.metrics["AP"] == pytest.approx(1.0)
+
+
+def test_partly_masked_ground_truth_gives_no_mask_ap(masked_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(masked_dataset, root)
+    gt_file = root / "valid" / "_annotations.coco.json"
+    data = json.loads(gt_file.read_text())
+    data["annotations"][0]["segmentation"] = [[1.0, 2.0]]  # malformed: read as no mask
+    gt_file.write_text(json.dumps(data))
+    ds = load_dataset(root, "val")
+    assert ds.records[0].segments[0] == [] and ds.records[0].has_masks == (len(ds.records[0].boxes) > 1)
+    stub = GroundTruthMasks(masked_dataset / "valid" / "_annotations.coco.json")
+    stub.queue = [int(r.image_id) for r in ds.records]
+    res = evaluate(stub, ds, workers=1)
+    assert res.mask_metrics is None and any("no segmentation" in w for w in res.warnings)
     assert res.metrics["AP"] == pytest.approx(1.0)
 
 
