@@ -16,9 +16,10 @@ Layouts understood:
   the last pixel), so ``x1 = xmin - 1`` and ``x2 = xmax``.
 
 Every box comes out as absolute ``xyxy`` pixels (pixel-edge convention, ``0 <= x1 < x2 <= W``)
-with a contiguous 0-based label. Instance masks are kept as COCO segmentations beside the boxes:
-COCO polygons and RLE as written, YOLO segmentation polygons converted to absolute polygons. Problems that can be repaired are repaired and counted in a
-``Report``; fatal ones raise ``DatasetError`` with one line naming the file.
+with a contiguous 0-based label. Instance masks are kept as COCO segmentations beside the boxes
+(``Record.segments``): COCO polygons and RLE as written, YOLO segmentation lines as absolute
+polygons. Problems that can be repaired are repaired and counted in a ``Report``; fatal ones raise
+``DatasetError`` with one line naming the file.
 """
 
 from __future__ import annotations
