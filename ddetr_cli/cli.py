@@ -142,6 +142,15 @@ def _load_detector(model, device: str, half: bool, imgsz, classes=None):
         raise UserError(str(e)) from None
 
 
+def _require_masks(det, model) -> None:
+    from .masks import MasksUnavailable, require_masks
+
+    try:
+        require_masks(det, model)
+    except MasksUnavailable as e:
+        raise UserError(str(e)) from None
+
+
 @app.command()
 def detect(
     sources: Annotated[list[str], typer.Argument(help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
@@ -154,8 +163,9 @@ def detect(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
-    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc (repeat or comma-separate).")] = ["coco"],  # noqa: B006
+    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc (repeat or comma-separate). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
@@ -170,6 +180,8 @@ def detect(
       ddetr detect 'photos/**/*.jpg' --conf 0.5 --format coco,yolo --out runs/labels
 
       ddetr detect list.txt --classes person,car --json
+
+      ddetr detect photos --masks --model detr-resnet-50-panoptic --format coco,yolo
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -178,6 +190,8 @@ def detect(
 
     fmts = _parse_formats(formats)
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
+    if masks:
+        _require_masks(det, model)  # before a run folder is made
     run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/detect"))
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
@@ -204,7 +218,7 @@ def detect(
         try:
             res = run_detect(
                 det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
-                formats=fmts, save_images=save_images, recursive=recursive, workers=workers,
+                formats=fmts, save_images=save_images, masks=masks, recursive=recursive, workers=workers,
                 progress=on_progress, total_hint=on_total,
             )
         except KeyboardInterrupt:
@@ -251,6 +265,7 @@ def video(
     save: Annotated[bool, typer.Option("--save", help="Write the annotated video (H.264 MP4) to the run folder.")] = False,
     save_json: Annotated[bool, typer.Option("--save-json", help="Write one JSON line per processed frame (default when nothing else is asked for).")] = False,
     track: Annotated[bool, typer.Option("--track", help="ByteTrack ids, stable across frames.")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever the model makes them.")] = False,
     conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes (names or ids; repeat or comma-separate).")] = None,
     max_det: Annotated[int, typer.Option("--max-det", help="Most detections per frame.", min=1)] = 100,
@@ -291,13 +306,15 @@ def video(
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
+    if masks:
+        _require_masks(det, model)
 
     def log(msg: str) -> None:
         # drops, reconnects and a refused --show matter even in --quiet runs
         console.print(f"[yellow]video:[/] {msg}", highlight=False, soft_wrap=True)
 
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
-                   track=track, show=show, save=save, save_json=save_json, reconnect=reconnect,
+                   track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
     run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/video"))
     columns = (
@@ -367,7 +384,8 @@ def eval_cmd(
 ) -> None:
     """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data.
 
-    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json.
+    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json. Mask AP is
+    reported beside box AP when the dataset has segmentations and the model has a mask head.
 
     Examples:
 
@@ -462,17 +480,24 @@ def _eval_summary(res) -> None:
     t = Table(title=f"ddetr eval: {res.images} images, {ds.get('boxes', 0)} boxes, {res.detections} detections",
               title_justify="left")
     t.add_column("metric")
-    t.add_column("value", justify="right")
+    masks = res.mask_metrics is not None
+    t.add_column("box" if masks else "value", justify="right")
+    if masks:
+        t.add_column("mask", justify="right")
     t.add_column("", style="dim")
     for k, v in res.metrics.items():
-        t.add_row(f"[bold]{k}[/]" if k == "AP" else k, _fmt(v), METRIC_HELP.get(k, ""))
+        cells = [_fmt(v)] + ([_fmt(res.mask_metrics.get(k))] if masks else [])
+        t.add_row(f"[bold]{k}[/]" if k == "AP" else k, *cells, METRIC_HELP.get(k, ""))
     console.print(t)
     c = Table(title="per-class AP", title_justify="left")
-    for col, just in (("class", "left"), ("instances", "right"), ("AP", "right"), ("AP50", "right"), ("AP75", "right")):
-        c.add_column(col, justify=just)
+    cols = ["AP", "AP50", "AP75"] + (["mask_AP", "mask_AP50", "mask_AP75"] if masks else [])
+    c.add_column("class")
+    c.add_column("instances", justify="right")
+    for col in cols:
+        c.add_column(col.replace("_", " "), justify="right")
     for r in sorted(res.per_class, key=lambda r: -(r["AP"] if r["AP"] is not None else -1)):
         name = r["class"] if r.get("in_model", True) else f"{r['class']} [dim](not in model)[/]"
-        c.add_row(name, str(r["instances"]), _fmt(r["AP"]), _fmt(r["AP50"]), _fmt(r["AP75"]))
+        c.add_row(name, str(r["instances"]), *(_fmt(r.get(col)) for col in cols))
     console.print(c)
     s = res.speed
     console.print(f"speed per image: decode {s['decode_ms']:.1f} ms, preprocess {s['preprocess_ms']:.1f} ms, "

@@ -16,8 +16,10 @@ Layouts understood:
   the last pixel), so ``x1 = xmin - 1`` and ``x2 = xmax``.
 
 Every box comes out as absolute ``xyxy`` pixels (pixel-edge convention, ``0 <= x1 < x2 <= W``)
-with a contiguous 0-based label. Problems that can be repaired are repaired and counted in a
-``Report``; fatal ones raise ``DatasetError`` with one line naming the file.
+with a contiguous 0-based label. Instance masks are kept as COCO segmentations beside the boxes
+(``Record.segments``): COCO polygons and RLE as written, YOLO segmentation lines as absolute
+polygons. Problems that can be repaired are repaired and counted in a ``Report``; fatal ones raise
+``DatasetError`` with one line naming the file.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ class Report:
 class Record:
     """One image and its boxes.
 
-    boxes: (K, 4) float32 absolute xyxy pixels; labels: (K,) int64 indices into class_names.
+    boxes: (K, 4) float32 absolute xyxy pixels; labels: (K,) int64 indices into class_names;
+    segments: K COCO segmentations in absolute pixels (a list of polygons or an RLE dict), ``[]``
+    for a box without a mask (empty list = no masks at all).
     """
 
     path: Path
@@ -112,6 +116,21 @@ class Record:
     boxes: np.ndarray
     labels: np.ndarray
     image_id: int
+    segments: list[Any] = field(default_factory=list)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(bool(s) for s in self.segments)
+
+    def masks(self) -> np.ndarray:
+        """(K, height, width) bool instance masks decoded with pycocotools (False where none)."""
+        from .masks import segmentation_to_mask
+
+        out = np.zeros((len(self.boxes), self.height, self.width), bool)
+        for k, seg in enumerate(self.segments[: len(out)]):
+            if seg:
+                out[k] = segmentation_to_mask(seg, self.height, self.width)
+        return out
 
     def read(self) -> np.ndarray:
         """Decode the image: (H, W, 3) uint8 RGB, EXIF orientation applied."""
@@ -147,11 +166,12 @@ class Dataset:
         for r in self.records if records is None else records:
             images.append({"id": int(r.image_id), "file_name": r.path.name,
                            "width": r.width, "height": r.height})
-            for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
+            for k, ((x1, y1, x2, y2), label) in enumerate(zip(r.boxes.tolist(), r.labels.tolist())):
                 w, h = x2 - x1, y2 - y1
+                seg = r.segments[k] if k < len(r.segments) else []
                 annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id),
                                     "category_id": cat_ids[label], "bbox": [x1, y1, w, h],
-                                    "area": w * h, "iscrowd": 0, "segmentation": []})
+                                    "area": w * h, "iscrowd": 0, "segmentation": seg or []})
         categories = [{"id": c, "name": n, "supercategory": "none"}
                       for c, n in zip(cat_ids, self.class_names)]
         return {"info": {"description": f"{self.root} ({self.format}, {self.split})"},
@@ -165,6 +185,7 @@ class _Entry:
 
     boxes: (K, 4) xyxy, absolute pixels or (when `normalized`) fractions of the image size.
     keys: (K,) category keys (COCO/YOLO id or VOC name).
+    segments: (K,) COCO segmentations ([] = none), scaled like the boxes.
     """
 
     path: Path
@@ -173,6 +194,7 @@ class _Entry:
     height: int | None
     boxes: list[list[float]] = field(default_factory=list)
     keys: list[Any] = field(default_factory=list)
+    segments: list[Any] = field(default_factory=list)
     normalized: bool = False
     invalid: int = 0
 
@@ -237,8 +259,8 @@ def _build(entries: list[_Entry], key_to_label: dict[Any, int], report: Report) 
                 continue
             report.sizes_read += not e.normalized  # YOLO never lists sizes: not worth a line
         report.dropped_invalid += e.invalid
-        boxes, labels = [], []
-        for box, key in zip(e.boxes, e.keys):
+        boxes, labels, segments = [], [], []
+        for k, (box, key) in enumerate(zip(e.boxes, e.keys)):
             if key not in key_to_label:
                 report.dropped_unknown += 1
                 report.unknown_categories[str(key)] += 1
@@ -255,9 +277,14 @@ def _build(entries: list[_Entry], key_to_label: dict[Any, int], report: Report) 
                 report.clipped += 1
             boxes.append((cx1, cy1, cx2, cy2))
             labels.append(key_to_label[key])
+            seg = e.segments[k] if k < len(e.segments) else []
+            if seg and e.normalized:  # YOLO polygons: fractions of the image size
+                seg = [[v * (width if j % 2 == 0 else height) for j, v in enumerate(p)] for p in seg]
+            segments.append(seg)
         records.append(Record(path=e.path, width=int(width), height=int(height),
                               boxes=np.array(boxes, np.float32).reshape(-1, 4),
-                              labels=np.array(labels, np.int64), image_id=e.image_id))
+                              labels=np.array(labels, np.int64), image_id=e.image_id,
+                              segments=segments))
         report.boxes += len(boxes)
     report.images = len(records)
     return records
@@ -300,6 +327,20 @@ def _read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _coco_segmentation(seg: Any) -> Any:
+    """A COCO ``segmentation`` as written when it is well formed (polygons with >= 3 points, or
+    an RLE dict with ``counts`` and ``size``); ``[]`` otherwise (the box is still used)."""
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        ok = isinstance(seg.get("counts"), (str, list)) and isinstance(size, list) and len(size) == 2
+        return seg if ok else []
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                 and all(isinstance(v, (int, float)) for v in p)]
+        return polys
+    return []
 
 
 def _read_coco(root: Path, ann_file: Path) -> _Source:
@@ -355,6 +396,7 @@ def _read_coco(root: Path, ann_file: Path) -> _Source:
             continue
         e.boxes.append([x, y, x + w, y + h])
         e.keys.append(a.get("category_id"))
+        e.segments.append(_coco_segmentation(a.get("segmentation")))
     if orphans:
         notes.append(f"ignored {orphans} annotations whose image_id is not in 'images'")
     if crowd:
@@ -453,16 +495,19 @@ def _parse_yolo_label(path: Path, entry: _Entry) -> None:
             entry.invalid += 1
             continue
         cls = values[0]
+        seg: list = []
         if len(values) == 5:
             cx, cy, w, h = values[1:]
             box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
         elif len(values) >= 7 and len(values) % 2 == 1:
             xs, ys = values[1::2], values[2::2]
             box = [min(xs), min(ys), max(xs), max(ys)]
+            seg = [values[1:]]  # normalised; scaled to pixels with the box
         else:
             entry.invalid += 1
             continue
         entry.boxes.append(box)
+        entry.segments.append(seg)
         entry.keys.append(int(cls) if cls == int(cls) else cls)
 
 

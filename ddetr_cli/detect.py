@@ -19,6 +19,7 @@ import numpy as np
 
 from .detector import Detector, ImageReadError
 from .export import Annotator, CocoWriter, atomic_write_text, voc_xml, write_image, yolo_lines
+from .masks import instance_polygons, require_masks
 from .sources import expand_sources, load_source
 
 FORMATS = ("coco", "yolo", "voc")
@@ -77,6 +78,7 @@ def run_detect(
     batch: int = 1,
     formats: Sequence[str] = ("coco",),
     save_images: bool = True,
+    masks: bool = False,
     recursive: bool = False,
     workers: int = 4,
     checkpoint_every: float = 30.0,
@@ -87,10 +89,16 @@ def run_detect(
 
     KeyboardInterrupt stops the run after writing a valid ``predictions.json`` marked
     ``"incomplete": true``; the interrupt is then re-raised for the caller.
+
+    ``masks``: instance masks as COCO polygons in ``segmentation`` (and YOLO segmentation lines);
+    needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
+    written). Annotated images show masks whenever the detector returns them.
     """
     bad = set(formats) - set(FORMATS)
     if bad:
         raise ValueError(f"unknown format(s) {', '.join(sorted(bad))}; choose from {', '.join(FORMATS)}")
+    if masks:
+        require_masks(detector)
     items = list(expand_sources(sources, recursive))  # names only: cheap even for 10,000 files
     if total_hint:
         total_hint(len(items))
@@ -116,6 +124,7 @@ def run_detect(
             "description": "ddetr detect predictions",
             "model": detector.cfg.variant,
             "conf": conf,
+            "masks": masks,
             "images_processed": res.images,
             "images_total": len(items),
             "skipped": res.skipped,
@@ -129,13 +138,14 @@ def run_detect(
         for (src, name, img), dets in zip(pending, dets_list):
             h, w = img.shape[:2]
             name = _unique(name, used)
-            coco.add(name, w, h, dets)
+            polygons = instance_polygons(dets) if masks else None
+            coco.add(name, w, h, dets, polygons)
             res.images += 1
             res.detections += len(dets)
             res.per_class.update(names[int(c)] or str(int(c)) for c in dets.class_id)
             stem = name.rsplit(".", 1)[0]
             if "yolo" in formats:
-                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h))
+                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, polygons))
             if "voc" in formats:
                 atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, names))
             if annot is not None:

@@ -1,4 +1,4 @@
-"""``ddetr eval``: COCO-style box metrics of a detector on a dataset, the way papers report them.
+"""``ddetr eval``: COCO-style box (and mask) metrics of a detector on a dataset, as papers report them.
 
 Everything numeric comes from pycocotools' ``COCOeval`` run on the exact predictions list that
 ``predictions.json`` holds, so the file can be re-scored by anyone and gives the same numbers::
@@ -9,6 +9,11 @@ Everything numeric comes from pycocotools' ``COCOeval`` run on the exact predict
 
 Like the reference evaluation, every image keeps its top-``max_det`` (100) detections with no
 score threshold: a threshold lowers AP because it cuts the low-precision tail of the PR curve.
+
+Mask AP (COCOeval ``iouType="segm"``) is reported beside box AP when every ground-truth object
+has a segmentation and the model returns masks. Predicted masks are scored as the COCO polygons
+``ddetr detect --masks`` exports (``masks.mask_to_polygons``), so the number describes the file
+users get.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .data import Dataset, DatasetError, Record
+from .data import Dataset, DatasetError, Record, _coco_segmentation
 from .export import atomic_write_text
+from .masks import instance_polygons
 
 # the 12 numbers of COCOeval.summarize(), in its order
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -186,7 +192,9 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
                 x, y, w, h = (float(v) for v in a["bbox"])
             except (KeyError, TypeError, ValueError):
                 continue
-            a = dict(a, bbox=[x, y, w, h], iscrowd=int(a.get("iscrowd", 0) or 0))
+            # a malformed segmentation becomes [] (no mask) instead of crashing pycocotools
+            a = dict(a, bbox=[x, y, w, h], iscrowd=int(a.get("iscrowd", 0) or 0),
+                     segmentation=_coco_segmentation(a.get("segmentation")))
             a.setdefault("area", w * h)
             a["id"] = len(annotations) + 1  # ids must be unique for pycocotools; some exports repeat them
             annotations.append(a)
@@ -200,12 +208,18 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
 # --------------------------------------------------------------------------- COCOeval
 
 
-def run_cocoeval(gt: dict, predictions: Sequence[dict]):
-    """pycocotools ``COCOeval`` (bbox) after evaluate/accumulate/summarize, its printing silenced.
+def gt_has_masks(gt: dict) -> bool:
+    """Whether every non-crowd ground-truth annotation has a segmentation (mask AP is defined)."""
+    anns = [a for a in gt.get("annotations", []) if not a.get("iscrowd")]
+    return bool(anns) and all(a.get("segmentation") for a in anns)
 
-    gt: a COCO dataset dict; predictions: [{image_id, category_id, bbox [x, y, w, h], score}].
-    An empty predictions list is scored too (everything a miss), which pycocotools' ``loadRes``
-    alone cannot do.
+
+def run_cocoeval(gt: dict, predictions: Sequence[dict], iou_type: str = "bbox"):
+    """pycocotools ``COCOeval`` after evaluate/accumulate/summarize, its printing silenced.
+
+    gt: a COCO dataset dict; predictions: [{image_id, category_id, bbox [x, y, w, h], score}],
+    plus ``segmentation`` (polygons or RLE) for ``iou_type="segm"``. An empty predictions list is
+    scored too (everything a miss), which pycocotools' ``loadRes`` alone cannot do.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -225,11 +239,16 @@ def run_cocoeval(gt: dict, predictions: Sequence[dict]):
             coco_dt.dataset = {"info": {}, "images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]),
                                "annotations": []}
             coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+def _box_polygon(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = bbox
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
 
 
 def _stats_dict(stats: Sequence[float]) -> dict[str, float | None]:
@@ -322,7 +341,8 @@ def _predict_timed(detector: Any, images: list[np.ndarray], conf: float, max_det
     """
     from .detector import Detector
 
-    if isinstance(detector, Detector):
+    # a model with a mask head runs through predict_arrays, which knows how to return its masks
+    if isinstance(detector, Detector) and not getattr(detector.cfg, "masks", False):
         import torch
 
         from .detector import preprocess
@@ -378,10 +398,12 @@ class EvalResult:
     dataset: dict[str, Any] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list, repr=False)
     precision: np.ndarray | None = field(default=None, repr=False)  # COCOeval (T, R, K, A, M)
+    mask_metrics: dict[str, float | None] | None = None  # the same 12 numbers for masks, when scored
 
     def to_dict(self) -> dict:
         return {
             "metrics": self.metrics,
+            "mask_metrics": self.mask_metrics,
             "per_class": self.per_class,
             "speed": self.speed,
             "images": self.images,
@@ -445,6 +467,9 @@ def evaluate(
 
     batch = max(1, int(batch))
     batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+    # masks are turned into polygons only where they can be scored
+    want_masks = any(r.has_masks for r in records)
+    masks_seen = False
     predictions: list[dict] = []
     used: list[Record] = []
     skipped: list[str] = []
@@ -478,7 +503,10 @@ def evaluate(
                     sx, sy = r.width / w, r.height / h
                     if (h, w) != (r.height, r.width):
                         rescaled += 1  # annotations made for another size: score in their pixels
-                    predictions += to_coco_results(dets, int(r.image_id), mapping.label_to_cat, sx, sy)
+                    polygons = instance_polygons(dets) if want_masks else None
+                    masks_seen |= polygons is not None
+                    predictions += to_coco_results(dets, int(r.image_id), mapping.label_to_cat, sx, sy, polygons,
+                                               (r.height, r.width))
                 used += ok_recs
             done += len(b)
             if progress is not None:
@@ -504,6 +532,19 @@ def evaluate(
     unknown = set(mapping.dataset_only)
     for row in rows:
         row["in_model"] = row["class"] not in unknown
+    mask_metrics = None
+    model_masks = masks_seen or bool(getattr(getattr(detector, "cfg", None), "masks", False))
+    if want_masks and model_masks:
+        if gt_has_masks(gt):
+            # crowd regions without a mask are ignored by their box, as in the box evaluation
+            segm_gt = dict(gt, annotations=[a if a.get("segmentation") else dict(a, segmentation=[_box_polygon(a["bbox"])])
+                                            for a in gt["annotations"]])
+            ev_segm = run_cocoeval(segm_gt, predictions, "segm")
+            mask_metrics = _stats_dict(ev_segm.stats)
+            for row, mrow in zip(rows, per_class_ap(ev_segm, gt)):
+                row.update({f"mask_{k}": mrow[k] for k in ("AP", "AP50", "AP75")})
+        else:
+            warnings.append("some ground-truth objects have no segmentation: mask AP is not reported")
 
     timed = stage_times[1:] if len(stage_times) > 1 else stage_times  # first batch = warm-up
     n_timed = sum(t[0] for t in timed) or 1
@@ -529,28 +570,39 @@ def evaluate(
         dataset={"root": str(dataset.root), "format": dataset.format, "split": dataset.split,
                  "images": len(dataset.records), "classes": len(dataset.class_names),
                  "boxes": len(gt["annotations"]), "notes": dataset.report.summary()[1:]},
-        predictions=predictions, precision=ev.eval["precision"],
+        predictions=predictions, precision=ev.eval["precision"], mask_metrics=mask_metrics,
     )
     if out_dir is not None:
         write_outputs(res, Path(out_dir), save_predictions=save_predictions, plot=plot, recall=ev.params.recThrs)
     return res
 
 
-def to_coco_results(dets: Any, image_id: int, label_to_cat: dict[int, int], sx: float = 1.0, sy: float = 1.0) -> list[dict]:
+def to_coco_results(dets: Any, image_id: int, label_to_cat: dict[int, int], sx: float = 1.0, sy: float = 1.0,
+                polygons: Sequence[list[list[float]]] | None = None, size: tuple[int, int] | None = None) -> list[dict]:
     """sv.Detections (xyxy pixels) -> COCO results rows; labels without a category are dropped.
 
     Values are rounded here, before scoring, so the saved file re-scores to the same numbers.
+    ``polygons`` (per detection) add ``segmentation``, scaled like the boxes; an empty mask is
+    written as an empty RLE of the annotated ``size`` (h, w), which pycocotools scores as a miss
+    (it cannot read an empty polygon list).
     """
     rows = []
     conf = dets.confidence if dets.confidence is not None else np.ones(len(dets))
-    for (x1, y1, x2, y2), score, label in zip(np.asarray(dets.xyxy, dtype=np.float64), conf, dets.class_id):
+    for i, ((x1, y1, x2, y2), score, label) in enumerate(zip(np.asarray(dets.xyxy, dtype=np.float64), conf, dets.class_id)):
         cat = label_to_cat.get(int(label))
         if cat is None:
             continue
         x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
-        rows.append({"image_id": image_id, "category_id": cat,
-                     "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
-                     "score": round(float(score), 6)})
+        row = {"image_id": image_id, "category_id": cat,
+               "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+               "score": round(float(score), 6)}
+        if polygons is not None:
+            if polygons[i]:
+                row["segmentation"] = [[round(v * (sx if k % 2 == 0 else sy), 3) for k, v in enumerate(p)] for p in polygons[i]]
+            else:
+                h, w = size if size is not None else dets.mask.shape[1:]
+                row["segmentation"] = {"size": [int(h), int(w)], "counts": [int(h) * int(w)]}
+        rows.append(row)
     return rows
 
 

@@ -1,7 +1,8 @@
 """Writing detections: COCO JSON for labeling tools, YOLO txt, Pascal VOC xml, annotated images.
 
 The COCO file is a *dataset* (images, categories from id 1, annotations with score) because that
-is what CVAT and Label Studio import; ``category_id`` 0 would be dropped by CVAT.
+is what CVAT and Label Studio import; ``category_id`` 0 would be dropped by CVAT. Instance masks
+go out as polygons (``masks.mask_to_polygons``): Label Studio rejects RLE.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import supervision as sv
 
 from .classes import coco_supercategory
+from .masks import join_polygons, mask_area
 
 
 def atomic_write_text(path: Path, text: str | bytes) -> None:
@@ -60,10 +62,17 @@ class CocoWriter:
         self.images: list[dict] = []
         self.annotations: list[dict] = []
 
-    def add(self, file_name: str, width: int, height: int, dets: sv.Detections) -> int:
+    def add(self, file_name: str, width: int, height: int, dets: sv.Detections,
+            polygons: Sequence[list[list[float]]] | None = None) -> int:
+        """One image and its detections; returns its image id.
+
+        ``polygons``: per detection, its mask as COCO polygons (``masks.instance_polygons``), written
+        as ``segmentation`` with ``area`` = the mask's pixel count; an empty mask keeps
+        ``segmentation: []`` and the box area. The bbox is the detector's box either way.
+        """
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
-        for xyxy, score, label in zip(dets.xyxy, dets.confidence, dets.class_id):
+        for i, (xyxy, score, label) in enumerate(zip(dets.xyxy, dets.confidence, dets.class_id)):
             cat = self.label_to_cat.get(int(label))
             if cat is None:
                 continue
@@ -71,15 +80,19 @@ class CocoWriter:
             # area from the rounded box, so the file is self-consistent
             x1, y1 = round(x1, 2), round(y1, 2)
             w, h = round(max(0.0, x2 - x1), 2), round(max(0.0, y2 - y1), 2)
+            segmentation = list(polygons[i]) if polygons is not None else []
+            area = round(w * h, 2)
+            if segmentation and dets.mask is not None:
+                area = float(mask_area(dets.mask[i]))
             self.annotations.append(
                 {
                     "id": len(self.annotations) + 1,
                     "image_id": image_id,
                     "category_id": cat,
                     "bbox": [x1, y1, w, h],
-                    "area": round(w * h, 2),
+                    "area": area,
                     "iscrowd": 0,
-                    "segmentation": [],
+                    "segmentation": segmentation,
                     "score": round(float(score), 5),
                 }
             )
@@ -98,10 +111,22 @@ class CocoWriter:
         atomic_write_text(path, json.dumps(self.to_dict(info)))
 
 
-def yolo_lines(dets: sv.Detections, width: int, height: int) -> str:
-    """YOLO txt: ``class cx cy w h`` normalised, class = model label id."""
+def yolo_lines(dets: sv.Detections, width: int, height: int,
+               polygons: Sequence[list[list[float]]] | None = None) -> str:
+    """YOLO txt: ``class cx cy w h`` normalised, class = model label id.
+
+    With ``polygons`` (per detection, as for ``CocoWriter.add``): YOLO segmentation lines
+    ``class x1 y1 x2 y2 ...`` normalised, one ring per instance (parts joined by zero-width cuts,
+    since the format has one polygon per line); an empty mask is written as its box's corners,
+    so every line of the file is a polygon.
+    """
     rows = []
-    for (x1, y1, x2, y2), label in zip(dets.xyxy, dets.class_id):
+    for i, ((x1, y1, x2, y2), label) in enumerate(zip(dets.xyxy, dets.class_id)):
+        if polygons is not None:
+            ring = join_polygons(polygons[i]) or [x1, y1, x2, y1, x2, y2, x1, y2]
+            xy = " ".join(f"{v / (width if k % 2 == 0 else height):.6f}" for k, v in enumerate(ring))
+            rows.append(f"{int(label)} {xy}")
+            continue
         cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
         w, h = (x2 - x1) / width, (y2 - y1) / height
         rows.append(f"{int(label)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
@@ -135,10 +160,12 @@ def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, class_
 
 
 class Annotator:
-    """Boxes with class names and scores (and track ids when present) drawn with supervision."""
+    """Boxes with class names and scores (and track ids when present) drawn with supervision;
+    instance masks, when the detections carry them, filled translucent under the boxes."""
 
     def __init__(self, class_names: Sequence[str]) -> None:
         self.class_names = list(class_names)
+        self.mask = sv.MaskAnnotator(opacity=0.45)
         self.box = sv.BoxAnnotator(thickness=2)
         self.label = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
 
@@ -151,13 +178,18 @@ class Annotator:
             out.append(f"{tid}{name} {float(score):.2f}")
         return out
 
-    def draw(self, image_bgr: np.ndarray, dets: sv.Detections) -> np.ndarray:
-        """(H, W, 3) uint8 BGR -> annotated copy."""
+    def draw(self, image_bgr: np.ndarray, dets: sv.Detections, labels: Sequence[str] | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 BGR -> annotated copy; ``labels`` replaces the default texts.
+
+        dets.mask, when set, is (N, H, W) bool in this image's pixels.
+        """
         frame = image_bgr.copy()
         if len(dets) == 0:
             return frame
+        if dets.mask is not None:
+            frame = self.mask.annotate(frame, dets)
         frame = self.box.annotate(frame, dets)
-        return self.label.annotate(frame, dets, labels=self.labels(dets))
+        return self.label.annotate(frame, dets, labels=list(labels) if labels is not None else self.labels(dets))
 
 
 def write_image(path: Path, image_bgr: np.ndarray) -> None:

@@ -3,7 +3,9 @@
 Five classes of flat shapes (``CLASS_NAMES``), each with its own hue range, are drawn with OpenCV
 over textured backgrounds (smooth noise, gradients, stripes). Objects vary in scale and may
 occlude each other; every box is the tight box of the *visible* pixels of its shape, and objects
-less than ``MIN_VISIBLE`` visible are left out of the annotations.
+less than ``MIN_VISIBLE`` visible are left out of the annotations. The COCO files also hold each
+object's visible pixels as ``segmentation`` polygons (``masks.mask_to_polygons``) with ``area``
+their pixel count; YOLO and VOC hold boxes only.
 
 Boxes use the pixel-edge convention: a shape covering columns ``a..b`` has ``x1 = a``, ``x2 = b + 1``.
 
@@ -27,6 +29,8 @@ from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
+
+from .masks import mask_area, mask_to_polygons
 
 CLASS_NAMES: list[str] = ["circle", "square", "triangle", "cross", "ring"]
 
@@ -144,13 +148,19 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, shape: _Shape, rng: np.random.G
     canvas[ys, xs] = color[None, :] * shade[:, None] + grain
 
 
+def _owners(masks: list[np.ndarray]) -> np.ndarray:
+    """Stack objects in order (later on top): (H, W) int32 index of the object seen at each pixel, -1 none."""
+    owner = np.full(masks[0].shape, -1, np.int32)
+    for i, m in enumerate(masks):
+        owner[m] = i
+    return owner
+
+
 def _visible_boxes(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Stack objects in order (later on top); return (K, 4) int xyxy boxes and (K,) visible ratios."""
     if not masks:
         return np.zeros((0, 4), np.int64), np.zeros((0,), np.float64)
-    owner = np.full(masks[0].shape, -1, np.int32)
-    for i, m in enumerate(masks):
-        owner[m] = i
+    owner = _owners(masks)
     boxes, ratios = [], []
     for i, m in enumerate(masks):
         vis = owner == i
@@ -188,6 +198,14 @@ def render_scene(rng: np.random.Generator, width: int, height: int,
         boxes: (K, 4) float32 xyxy in pixels (edge convention), visible part only.
         labels: (K,) int64 indices into CLASS_NAMES.
     """
+    image, boxes, labels, _ = render_scene_masks(rng, width, height, n_objects)
+    return image, boxes, labels
+
+
+def render_scene_masks(rng: np.random.Generator, width: int, height: int,
+                       n_objects: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``render_scene`` plus masks: (K, H, W) bool, the visible pixels of each annotated object
+    (the pixels its box is the tight box of). Same random draws, so the same scene."""
     n = int(rng.integers(1, 9)) if n_objects is None else n_objects
     shapes: list[_Shape] = []
     masks: list[np.ndarray] = []
@@ -208,7 +226,9 @@ def render_scene(rng: np.random.Generator, width: int, height: int,
     boxes, ratios = _visible_boxes(masks)
     keep = ratios >= MIN_VISIBLE
     labels = np.array([s.label for s in shapes], np.int64)
-    return image, boxes[keep].astype(np.float32), labels[keep]
+    owner = _owners(masks) if masks else np.full((height, width), -1, np.int32)
+    visible = np.stack([owner == i for i in np.flatnonzero(keep)]) if keep.any() else np.zeros((0, height, width), bool)
+    return image, boxes[keep].astype(np.float32), labels[keep], visible
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
@@ -228,12 +248,12 @@ def _coco_dict(items: list[dict]) -> dict:
     for image_id, it in enumerate(items, start=1):
         images.append({"id": image_id, "file_name": it["file_name"],
                        "width": it["width"], "height": it["height"]})
-        for box, label in zip(it["boxes"], it["labels"]):
+        for box, label, mask in zip(it["boxes"], it["labels"], it["masks"]):
             x1, y1, x2, y2 = (int(v) for v in box)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                "iscrowd": 0, "segmentation": [],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": mask_area(mask),
+                "iscrowd": 0, "segmentation": mask_to_polygons(mask),
             })
     return {
         "info": {"description": "ddetr synthetic shapes", "version": "1.0"},
@@ -243,6 +263,19 @@ def _coco_dict(items: list[dict]) -> dict:
         "images": images,
         "annotations": annotations,
     }
+
+
+def _dump_coco(data: dict) -> str:
+    """COCO JSON with one image / annotation / category per line: readable and diff-friendly,
+    without spending a line on every polygon coordinate."""
+    parts = []
+    for key, value in data.items():
+        if isinstance(value, list) and value:
+            rows = ",\n".join("  " + json.dumps(v) for v in value)
+            parts.append(f" {json.dumps(key)}: [\n{rows}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _yolo_lines(it: dict) -> str:
@@ -322,15 +355,15 @@ def generate(out: Path, *, n_train: int, n_val: int, n_test: int = 0,
         items = []
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
-            image, boxes, labels = render_scene(rng, width, height)
+            image, boxes, labels, masks = render_scene_masks(rng, width, height)
             items.append({"file_name": f"{split}_{i:05d}.jpg", "width": width, "height": height,
-                          "boxes": boxes, "labels": labels, "jpeg": _encode_jpeg(image)})
+                          "boxes": boxes, "labels": labels, "masks": masks, "jpeg": _encode_jpeg(image)})
             n_boxes += len(boxes)
         if "coco" in formats:
             d = out / "coco" / _SPLIT_DIRS[split]["coco"]
             for it in items:
                 _write(d / it["file_name"], it["jpeg"])
-            _write(d / "_annotations.coco.json", json.dumps(_coco_dict(items), indent=1) + "\n")
+            _write(d / "_annotations.coco.json", _dump_coco(_coco_dict(items)))
         if "yolo" in formats:
             d = out / "yolo"
             for it in items:

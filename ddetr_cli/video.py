@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import supervision as sv  # noqa: E402
 
 from .export import Annotator  # noqa: E402
+from .masks import instance_polygons, require_masks  # noqa: E402
 from .sources import SourceError  # noqa: E402
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
@@ -370,8 +371,10 @@ class VideoWriter:
             self._cv = None
 
 
-def detections_to_records(dets: sv.Detections, class_names: Sequence[str]) -> list[dict]:
-    """sv.Detections (N boxes) -> N dicts: box xyxy px, score, label, class, track_id (or None)."""
+def detections_to_records(dets: sv.Detections, class_names: Sequence[str],
+                          polygons: Sequence[list[list[float]]] | None = None) -> list[dict]:
+    """sv.Detections (N boxes) -> N dicts: box xyxy px, score, label, class, track_id (or None);
+    with ``polygons`` (per detection, ``masks.instance_polygons``) also ``segmentation``."""
     out = []
     tids = dets.tracker_id
     for i in range(len(dets)):
@@ -379,8 +382,11 @@ def detections_to_records(dets: sv.Detections, class_names: Sequence[str]) -> li
         name = class_names[label] if 0 <= label < len(class_names) and class_names[label] else str(label)
         tid = int(tids[i]) if tids is not None and int(tids[i]) >= 0 else None
         score = float(dets.confidence[i]) if dets.confidence is not None else 1.0
-        out.append({"box": [round(float(v), 2) for v in dets.xyxy[i]], "score": round(score, 5), "label": label,
-                    "class": name, "track_id": tid})
+        rec = {"box": [round(float(v), 2) for v in dets.xyxy[i]], "score": round(score, 5), "label": label,
+               "class": name, "track_id": tid}
+        if polygons is not None:
+            rec["segmentation"] = polygons[i]
+        out.append(rec)
     return out
 
 
@@ -488,13 +494,13 @@ class Tracker:
 
 
 def draw(annotator: Annotator, image_bgr: np.ndarray, dets: sv.Detections) -> np.ndarray:
-    """Annotated copy; unconfirmed tracks (id -1) are drawn without an id."""
+    """Annotated copy (masks too when the detections carry them); unconfirmed tracks (id -1)
+    are drawn without an id."""
     if dets.tracker_id is None or len(dets) == 0 or (dets.tracker_id >= 0).all():
         return annotator.draw(image_bgr, dets)
-    frame = annotator.box.annotate(image_bgr.copy(), dets)
     plain = sv.Detections(xyxy=dets.xyxy, confidence=dets.confidence, class_id=dets.class_id)
     labels = [f"#{int(t)} {s}" if t >= 0 else s for t, s in zip(dets.tracker_id, annotator.labels(plain))]
-    return annotator.label.annotate(frame, dets, labels=labels)
+    return annotator.draw(image_bgr, dets, labels=labels)
 
 
 # -- pipeline -----------------------------------------------------------------------------------
@@ -577,6 +583,7 @@ class VideoPipeline:
         stride: int = 1,
         latest: bool | None = None,
         track: bool = False,
+        masks: bool = False,
         show: bool = False,
         save: bool = False,
         save_json: bool = False,
@@ -592,6 +599,9 @@ class VideoPipeline:
         self.spec = parse_source(source)
         if (save or save_json) and out_dir is None:
             raise ValueError("out_dir is needed to save outputs")
+        if masks:
+            require_masks(detector)  # masks are drawn whenever present; --masks adds polygons to the JSON lines
+        self.masks = masks
         self.detector, self.out_dir = detector, Path(out_dir) if out_dir is not None else None
         self.conf, self.max_det, self.classes = conf, max_det, classes
         self.batch, self.stride = max(1, batch), max(1, stride)
@@ -724,7 +734,8 @@ class VideoPipeline:
                 if jsonl is not None:
                     h, w = frame.image.shape[:2]
                     rec: dict[str, Any] = {"frame": frame.index, "time": round(frame.time, 4), "width": w, "height": h,
-                                           "detections": detections_to_records(dets, names)}
+                                           "detections": detections_to_records(
+                                               dets, names, instance_polygons(dets) if self.masks else None)}
                     if spec.live:
                         rec["wall"] = round(frame.wall, 3)
                     jsonl.write(rec)

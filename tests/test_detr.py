@@ -252,7 +252,10 @@ def _tiny_detr(path: Path, masks: bool = False, names=NAMES) -> Path:
 
 
 def test_cli_detect_with_masks(tmp_path):
+    """`ddetr detect --masks` with a real mask-head DETR: the polygons in predictions.json decode
+    (pycocotools annToMask) to the masks the Detector API predicts, IoU >= 0.95 each."""
     import cv2
+    from pycocotools.coco import COCO
 
     model = _tiny_detr(tmp_path / "tiny_detr.safetensors", masks=True)
     folder = tmp_path / "imgs"
@@ -262,7 +265,7 @@ def test_cli_detect_with_masks(tmp_path):
         cv2.imwrite(str(folder / f"im{i}.png"), (rng.random((h, w, 3)) * 255).astype(np.uint8))
     out = tmp_path / "run"
     r = runner.invoke(app, ["detect", str(folder), "--model", str(model), "--out", str(out), "--imgsz", "96",
-                            "--conf", "0.05", "--json"], catch_exceptions=False)
+                            "--conf", "0.05", "--json", "--masks"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     pred = json.loads((out / "predictions.json").read_text())
     assert len(pred["images"]) == 2 and pred["annotations"]
@@ -270,8 +273,23 @@ def test_cli_detect_with_masks(tmp_path):
     from ddetr_cli.detector import Detector
 
     det = Detector.from_pretrained(str(model), device="cpu", imgsz=96)
-    dets = det([str(p) for p in sorted(folder.iterdir())], conf=0.05, batch_size=2)
+    dets = det([str(p) for p in sorted(folder.iterdir())], conf=0.05, batch_size=1)  # as the CLI batches
     assert dets[0].mask.shape == (len(dets[0]), 120, 160) and dets[1].mask.shape == (len(dets[1]), 90, 70)
+    coco = COCO(str(out / "predictions.json"))
+    checked = 0
+    for im, d in zip(sorted(coco.dataset["images"], key=lambda im: im["file_name"]), dets):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]]))
+        assert len(anns) == len(d)
+        for a, m, box in zip(anns, d.mask, d.xyxy):
+            np.testing.assert_allclose(a["bbox"][:2], box[:2], atol=0.01)
+            if not m.any():
+                assert a["segmentation"] == []
+                continue
+            back = coco.annToMask(a).astype(bool)
+            iou = (back & m).sum() / (back | m).sum()
+            assert iou >= 0.95, (im["file_name"], iou)
+            checked += 1
+    assert checked > 0
 
 
 def test_finetune_scratch_and_from_detr_checkpoint(tmp_path):

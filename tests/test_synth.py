@@ -68,9 +68,37 @@ def test_boxes_inside_images_and_counts_sane(shapes: Path) -> None:
         w, h = sizes[a["image_id"]]
         x, y, bw, bh = a["bbox"]
         assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
-        assert a["area"] == bw * bh and a["iscrowd"] == 0 and a["segmentation"] == []
+        assert a["iscrowd"] == 0 and a["segmentation"] and 0 < a["area"] <= bw * bh
         per_image[a["image_id"]] += 1
     assert all(1 <= n <= 8 for n in per_image.values())
+
+
+def test_segmentation_is_the_visible_part_of_each_box(shapes: Path) -> None:
+    """The COCO polygons, decoded by pycocotools, are the visible pixels the boxes are tight around."""
+    coco = COCO(str(shapes / "coco" / "train" / "_annotations.coco.json"))
+    for img in coco.dataset["images"]:
+        i = int(img["file_name"].split("_")[1].split(".")[0])
+        rng = np.random.default_rng([0, 0, i])  # seed 0, split train: the generator's own draw
+        _, boxes, _, visible = synth.render_scene_masks(rng, img["width"], img["height"])
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
+        assert len(anns) == len(visible)
+        for a, box, vis in zip(anns, boxes, visible):
+            m = coco.annToMask(a).astype(bool)
+            assert (m & vis).sum() / (m | vis).sum() >= 0.95
+            assert a["area"] == vis.sum()
+            ys, xs = np.nonzero(vis)
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.astype(int).tolist()
+            x, y, w, h = a["bbox"]
+            ys, xs = np.nonzero(m)  # the decoded polygon stays within its box
+            assert x <= xs.min() and y <= ys.min() and xs.max() < x + w and ys.max() < y + h
+
+
+def test_masks_cover_the_painted_shape() -> None:
+    rng = np.random.default_rng(3)
+    image, _, _, visible = synth.render_scene_masks(rng, 200, 150, n_objects=1)
+    # the object is saturated, the background is not: saturation marks its pixels
+    sat = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[..., 1] > 110
+    assert (sat & visible[0]).sum() / (sat | visible[0]).sum() > 0.9
 
 
 def test_boxes_are_tight_around_visible_pixels() -> None:
