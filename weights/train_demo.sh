@@ -18,7 +18,7 @@ fi
 args=(--scratch --variant box-refine
       --arch backbone_depth=18 --arch backbone_width=32 --arch d_model=128 --arch nheads=8
       --arch enc_layers=3 --arch dec_layers=3 --arch dim_feedforward=512 --arch num_queries=50 --arch dropout=0.0
-      --imgsz 256 --batch 4 --lr 2e-4 --lr-backbone 2e-4 --epochs 40 --workers 1 --save-period 100
+      --imgsz 256 --batch 4 --lr 2e-4 --lr-backbone 2e-4 --epochs 10 --lr-drop 7 --workers 1 --save-period 100
       --out "$work/runs" --name demo-train)
 [ -n "${STEPS:-}" ] && args+=(--max-steps "$STEPS")
 if [ -n "${RESUME:-}" ]; then

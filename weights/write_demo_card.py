@@ -29,9 +29,12 @@ def main() -> None:
     params = sum(t.numel() for t in sd.values())
     last = rows[-1] if rows else {}
     progress = json.loads((run / "progress.json").read_text()) if (run / "progress.json").is_file() else {}
+    best = max(rows, key=lambda r: float(r["AP"])) if rows else {}
     status = ("finished" if progress.get("finished") else
               f"stopped after {len(rows)} of {args.get('epochs')} planned epochs (session time ran out); "
               "`RESUME=1 bash weights/train_demo.sh WORKDIR` continues the run")
+    status += (f"; the bundled weights are the best validation epoch, {best.get('epoch')} (step {best.get('steps')}: "
+               f"`STEPS={best.get('steps')} bash weights/train_demo.sh` reproduces them)" if best else "")
     card = f"""# demo: synthetic shapes detector (Deformable DETR + box refinement, ResNet-18/32, d_model 128)
 
 Bundled so that `ddetr detect examples/images --model demo` works offline on a fresh machine.
@@ -60,7 +63,8 @@ parameters, float32, {dst.stat().st_size / 1e6:.1f} MB.
 `bash weights/train_demo.sh` (one command: data, training, evaluation, this card). Synthetic
 dataset: `python -m ddetr_cli.synth dataset DIR --train 3000 --val 200 --test {n_test} --seed {seed}`;
 then `ddetr finetune` with: {" ".join(args.get("arch") or [])}, variant {args.get("variant")}, imgsz {args.get("imgsz")},
-batch {args.get("batch")}, lr {args.get("lr")} (backbone {args.get("lr_backbone")}), AdamW, grad clip
+batch {args.get("batch")}, lr {args.get("lr")} (backbone {args.get("lr_backbone")}) for {args.get("epochs")} epochs with a
+x0.1 drop after epoch {args.get("lr_drop")}, AdamW, grad clip
 {args.get("clip_max_norm")}, EMA, the reference augmentation scaled to imgsz, on CPU (2 cores, about
 1 step/s). Status: {status}. Validation mAP per epoch (200 val images): {", ".join(f"{float(r['AP']):.3f}" for r in rows)}.
 """
