@@ -492,6 +492,8 @@ def finetune(
     scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
     variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage.")] = None,
     arch: Annotated[Optional[list[str]], typer.Option("--arch", help="With --scratch: KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128.")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="vit-small or vit-base: a new model on a ViT backbone (unless --model is a ViT one); resnet: the default.")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
@@ -521,6 +523,8 @@ def finetune(
 
       ddetr finetune ./mydata --scratch --arch backbone_depth=18 --arch d_model=128 --imgsz 320
 
+      ddetr finetune ./mydata --backbone vit-small --backbone-weights vit_small_patch16_224.safetensors
+
       ddetr finetune --resume latest
 
       torchrun --nproc-per-node 2 -m ddetr_cli finetune ./mydata --device cuda
@@ -528,7 +532,8 @@ def finetune(
     from .train import finetune_command
 
     code = finetune_command(
-        data, model=model, scratch=scratch, variant=variant, arch=arch, format=fmt, epochs=epochs, batch=batch,
+        data, model=model, scratch=scratch, variant=variant, arch=arch, backbone=backbone,
+        backbone_weights=backbone_weights, format=fmt, epochs=epochs, batch=batch,
         imgsz=imgsz, lr=lr, lr_backbone=lr_backbone, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
         workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
         out=out, resume=resume, quiet=quiet,

@@ -25,7 +25,8 @@ class ModelConfig:
 
     ``arch`` picks the model family: "deformable-detr" (model.DeformableDETR) or "detr" (the
     original DETR; the deformable-only fields are then unused). ``backbone`` is "resnet" (depth
-    from ``backbone_depth``) or a ViT ("vit-small", "vit-base"). ``masks`` adds DETR's mask head.
+    from ``backbone_depth``) or a ViT ("vit-small", "vit-base"; ``vit_depth`` overrides its 12
+    blocks, for small CPU models). ``masks`` adds DETR's mask head.
     """
 
     arch: str = "deformable-detr"
@@ -35,6 +36,7 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     backbone_depth: int = 50
     backbone_width: int = 64  # stem channels; 64 in published ResNets, less for small CPU models
+    vit_depth: int | None = None  # ViT blocks; None = the published 12
     dilation: bool = False
     num_feature_levels: int = 4
     d_model: int = 256
@@ -67,6 +69,10 @@ class ModelConfig:
             raise ValueError(f"backbone_depth must be 18, 34, 50 or 101, got {self.backbone_depth}")
         if self.backbone_width < 8 or self.backbone_width % 8:
             raise ValueError(f"backbone_width must be a multiple of 8, got {self.backbone_width}")
+        if self.dilation and self.backbone != "resnet":
+            raise ValueError("dilation (the DC5 variant) applies to the ResNet backbone only")
+        if self.vit_depth is not None and self.vit_depth < 1:
+            raise ValueError(f"vit_depth must be >= 1, got {self.vit_depth}")
         if self.num_feature_levels < 1:
             raise ValueError("num_feature_levels must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:
