@@ -615,7 +615,7 @@ def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights p
     n_params = sum(t.numel() for t in sd.values())
     t = Table(show_header=False, box=None)
     for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
-                 ("backbone", f"ResNet-{cfg.backbone_depth}{' DC5' if cfg.dilation else ''}"), ("d_model", cfg.d_model),
+                 ("backbone", cfg.backbone_label), ("d_model", cfg.d_model),
                  ("queries", cfg.num_queries), ("classes", cfg.num_classes),
                  ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-")]:
         t.add_row(f"[bold]{k}[/]", str(v))

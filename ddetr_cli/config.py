@@ -17,6 +17,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 ARCHS = ("deformable-detr", "detr")
 BACKBONES = ("resnet", "vit-small", "vit-base")
+# ViT backbones: name -> (embed_dim, depth, num_heads), mlp ratio 4, patch 16 (timm's vit_*_patch16_224)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {"vit-small": (384, 12, 6), "vit-base": (768, 12, 12)}
 
 
 @dataclass
@@ -93,6 +95,13 @@ class ModelConfig:
         if self.num_feature_levels == 1:
             return "single-scale-dc5" if self.dilation else "single-scale"
         return "multi-scale"
+
+    @property
+    def backbone_label(self) -> str:
+        """For people: "ResNet-50", "ResNet-50 DC5", "vit-small (12 blocks)"."""
+        if self.backbone == "resnet":
+            return f"ResNet-{self.backbone_depth}{' DC5' if self.dilation else ''}"
+        return f"{self.backbone} ({self.vit_depth or VIT_SIZES[self.backbone][1]} blocks)"
 
     def label_name(self, label: int) -> str:
         if 0 <= label < len(self.class_names) and self.class_names[label]:

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from .config import BACKBONES, ModelConfig
+from .config import BACKBONES, VIT_SIZES, ModelConfig
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
 from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
@@ -58,7 +58,7 @@ from .losses import SetCriterion
 from .matcher import HungarianMatcher, box_cxcywh_to_xyxy
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
-from .vit import VIT_SIZES, load_timm_vit
+from .vit import load_timm_vit
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
 
 STATE_FORMAT = "ddetr-train-state"
@@ -331,8 +331,7 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
             raise FinetuneError(f"bad model configuration: {e}") from None
         model = build_model(cfg)
         model.backbone.body.prepare_scratch_()  # no ImageNet weights: make the body trainable as a whole
-        body = f"ResNet-{cfg.backbone_depth}" if cfg.backbone == "resnet" else f"{cfg.backbone} ({len(model.backbone.body.blocks)} blocks)"
-        source = f"random init ({cfg.variant}, {body}, d_model {cfg.d_model})"
+        source = f"random init ({cfg.variant}, {cfg.backbone_label}, d_model {cfg.d_model})"
         if opts.backbone_weights:
             note = load_timm_vit(model.backbone.body, opts.backbone_weights)
             source += f", ViT weights from {opts.backbone_weights}" + (f" ({note})" if note else "")

@@ -20,13 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import VIT_SIZES
+
 PATCH = 16
 PRETRAIN_GRID = 14  # 224 / 16: the grid the published position embeddings were trained on
-# backbone name -> (embed_dim, depth, num_heads); mlp ratio 4 for both
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "vit-small": (384, 12, 6),
-    "vit-base": (768, 12, 12),
-}
 # timm keys of the ImageNet classifier, which a detector has no use for
 CLASSIFIER_KEYS = re.compile(r"^(head|fc_norm|head_drop)\.")
 

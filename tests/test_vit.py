@@ -213,6 +213,13 @@ def test_vit_model_layout_lr_groups_and_roundtrip(tmp_path: Path) -> None:
     assert torch.allclose(a["logits"], c["logits"], atol=1e-4)
     assert not loaded.inference_only
 
+    from typer.testing import CliRunner
+
+    from ddetr_cli.cli import app
+
+    r = CliRunner().invoke(app, ["weights", "info", str(path)])
+    assert r.exit_code == 0 and "vit-small (1 blocks)" in r.output, r.output
+
 
 # ------------------------------------------------------------------------------- fine-tuning
 
