@@ -491,7 +491,7 @@ def finetune(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
     scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
     variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage.")] = None,
-    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="With --scratch: KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128.")] = None,
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128 vit_depth=4.")] = None,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="vit-small or vit-base: a new model on a ViT backbone (unless --model is a ViT one); resnet: the default.")] = None,
     backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,

@@ -73,8 +73,8 @@ class ModelConfig:
             raise ValueError(f"backbone_width must be a multiple of 8, got {self.backbone_width}")
         if self.dilation and self.backbone != "resnet":
             raise ValueError("dilation (the DC5 variant) applies to the ResNet backbone only")
-        if self.vit_depth is not None and self.vit_depth < 1:
-            raise ValueError(f"vit_depth must be >= 1, got {self.vit_depth}")
+        if self.vit_depth is not None and (self.vit_depth < 1 or self.backbone == "resnet"):
+            raise ValueError(f"vit_depth ({self.vit_depth}) must be >= 1, with a ViT backbone")
         if self.num_feature_levels < 1:
             raise ValueError("num_feature_levels must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:

@@ -257,7 +257,9 @@ class DeformableDETR(nn.Module):
             # ViT: timm names under backbone.body (trained at the backbone lr); the pyramid is new
             # in every model, so it sits outside ``backbone`` and trains at the full lr.
             self.backbone.body = VisionTransformer.from_name(cfg.backbone, cfg.vit_depth)
-            self.pyramid = SimpleFeaturePyramid(self.backbone.body.embed_dim)
+            # single-scale takes the last level, stride 32, as with a ResNet
+            strides = (8, 16, 32) if cfg.num_feature_levels > 1 else (32,)
+            self.pyramid = SimpleFeaturePyramid(self.backbone.body.embed_dim, strides)
             levels = self.pyramid.channels
         body_channels = levels if cfg.num_feature_levels > 1 else levels[-1:]
         projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in body_channels]

@@ -1071,7 +1071,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="pretrained weights: path or registry name (default: the COCO model)")
     p.add_argument("--scratch", action="store_true", help="random init instead of pretrained weights")
     p.add_argument("--variant", help=f"architecture with --scratch (default {d.variant})")
-    p.add_argument("--arch", action="append", metavar="KEY=VALUE", help="ModelConfig override with --scratch (repeatable)")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE", help="ModelConfig override for a new model: --scratch or --backbone vit-* (repeatable)")
     p.add_argument("--backbone", help=f"{', '.join(BACKBONES)}; a ViT means a new model unless --model is a ViT one")
     p.add_argument("--backbone-weights", help="timm-layout ViT weights (.safetensors/.pth) for a new ViT-backbone model")
     p.add_argument("--format", help="dataset format (default: auto-detect)")

@@ -168,21 +168,28 @@ class VisionTransformer(nn.Module):
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple pyramid from the single stride-16 map.
 
-    forward(x (B, C, h, w)) -> [(B, C/2, 2h, 2w) stride 8 (2x2 transposed conv),
-    (B, C, h, w) stride 16 (identity), (B, C, ceil(h/2), ceil(w/2)) stride 32 (2x2 max-pool)].
-    Stride 64 and beyond are the detector's extra stride-2 levels, as on the ResNet path.
-    The ViTDet per-level conv stack is left to the detector's ``input_proj`` (1x1 conv + GN).
+    forward(x (B, C, h, w)) -> one map per stride in ``strides``, in that order, from:
+    8: (B, C/2, 2h, 2w) (2x2 transposed conv), 16: (B, C, h, w) (identity),
+    32: (B, C, ceil(h/2), ceil(w/2)) (2x2 max-pool). Stride 64 and beyond are the detector's
+    extra stride-2 levels, as on the ResNet path; the ViTDet per-level conv stack is left to the
+    detector's ``input_proj`` (1x1 conv + GN). Only the requested strides have parameters, so a
+    single-scale model holds none it does not use (DDP requires that).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, strides: tuple[int, ...] = (8, 16, 32)) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
-        self.channels = [dim // 2, dim, dim]
-        self.strides = [8, 16, 32]
+        if not strides or not set(strides) <= {8, 16, 32}:
+            raise ValueError(f"pyramid strides must be among 8, 16, 32, got {strides}")
+        self.strides = list(strides)
+        self.channels = [dim // 2 if s == 8 else dim for s in strides]
+        if 8 in strides:
+            self.up = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # ceil_mode keeps the last row/column of an odd-sized map instead of dropping it
-        return [self.up(x), x, F.max_pool2d(x, 2, 2, ceil_mode=True)]
+        maps = {16: lambda: x, 8: lambda: self.up(x),
+                # ceil_mode keeps the last row/column of an odd-sized map instead of dropping it
+                32: lambda: F.max_pool2d(x, 2, 2, ceil_mode=True)}
+        return [maps[s]() for s in self.strides]
 
 
 def load_timm_vit(vit: VisionTransformer, path: str | Path) -> str:

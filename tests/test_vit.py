@@ -152,6 +152,20 @@ def test_pyramid_shapes_strides() -> None:
     assert torch.equal(outs[1], x)
     # the stride-32 map keeps the odd last row/column (ceil), as a max over what is there
     assert torch.equal(outs[2][..., -1, -1], x[..., -1, -1])
+    single = SimpleFeaturePyramid(384, (32,))
+    assert single.channels == [384] and not list(single.parameters())
+    assert torch.equal(single(x)[0], outs[2])
+
+
+@pytest.mark.parametrize("levels", [4, 1])
+def test_every_parameter_gets_a_gradient(levels: int) -> None:
+    """No parameter the ViT model holds goes unused (DDP refuses those), multi- and single-scale."""
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny_config(backbone="vit-small", vit_depth=1, num_feature_levels=levels)).train()
+    out = model(torch.randn(1, 3, 64, 80))
+    (out["logits"].sum() + out["boxes"].sum()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
 
 
 def test_detector_levels_and_masks() -> None:
