@@ -516,7 +516,9 @@ def finetune(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
     scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
     variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage, detr, detr-dc5.")] = None,
-    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="With --scratch: KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128.")] = None,
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128 vit_depth=4.")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="vit-small or vit-base: a new model on a ViT backbone (unless --model is a ViT one); resnet: the default.")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
@@ -546,6 +548,8 @@ def finetune(
 
       ddetr finetune ./mydata --scratch --arch backbone_depth=18 --arch d_model=128 --imgsz 320
 
+      ddetr finetune ./mydata --backbone vit-small --backbone-weights vit_small_patch16_224.safetensors
+
       ddetr finetune --resume latest
 
       ddetr finetune --resume runs/finetune/exp --epochs 80   # train a finished run longer
@@ -555,7 +559,8 @@ def finetune(
     from .train import finetune_command
 
     code = finetune_command(
-        data, model=model, scratch=scratch, variant=variant, arch=arch, format=fmt, epochs=epochs, batch=batch,
+        data, model=model, scratch=scratch, variant=variant, arch=arch, backbone=backbone,
+        backbone_weights=backbone_weights, format=fmt, epochs=epochs, batch=batch,
         imgsz=imgsz, lr=lr, lr_backbone=lr_backbone, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
         workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
         out=out, resume=resume, quiet=quiet,
@@ -637,7 +642,7 @@ def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights p
     n_params = sum(t.numel() for t in sd.values())
     t = Table(show_header=False, box=None)
     for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
-                 ("backbone", f"ResNet-{cfg.backbone_depth}{' DC5' if cfg.dilation else ''}"), ("d_model", cfg.d_model),
+                 ("backbone", cfg.backbone_label), ("d_model", cfg.d_model),
                  ("queries", cfg.num_queries), ("classes", cfg.num_classes),
                  ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-")]:
         t.add_row(f"[bold]{k}[/]", str(v))

@@ -20,6 +20,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 ARCHS = ("deformable-detr", "detr")
 BACKBONES = ("resnet", "vit-small", "vit-base")
+# ViT backbones: name -> (embed_dim, depth, num_heads), mlp ratio 4, patch 16 (timm's vit_*_patch16_224)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {"vit-small": (384, 12, 6), "vit-base": (768, 12, 12)}
 
 
 @dataclass
@@ -28,7 +30,8 @@ class ModelConfig:
 
     ``arch`` picks the model family: "deformable-detr" (model.DeformableDETR) or "detr" (the
     original DETR; the deformable-only fields are then unused). ``backbone`` is "resnet" (depth
-    from ``backbone_depth``) or a ViT ("vit-small", "vit-base"). ``masks`` adds DETR's mask head.
+    from ``backbone_depth``) or a ViT ("vit-small", "vit-base"; ``vit_depth`` overrides its 12
+    blocks, for small CPU models). ``masks`` adds DETR's mask head.
     """
 
     arch: str = "deformable-detr"
@@ -38,6 +41,7 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     backbone_depth: int = 50
     backbone_width: int = 64  # stem channels; 64 in published ResNets, less for small CPU models
+    vit_depth: int | None = None  # ViT blocks; None = the published 12
     dilation: bool = False
     num_feature_levels: int = 4
     d_model: int = 256
@@ -74,6 +78,10 @@ class ModelConfig:
             raise ValueError(f"backbone_depth must be 18, 34, 50 or 101, got {self.backbone_depth}")
         if self.backbone_width < 8 or self.backbone_width % 8:
             raise ValueError(f"backbone_width must be a multiple of 8, got {self.backbone_width}")
+        if self.dilation and self.backbone != "resnet":
+            raise ValueError("dilation (the DC5 variant) applies to the ResNet backbone only")
+        if self.vit_depth is not None and (self.vit_depth < 1 or self.backbone == "resnet"):
+            raise ValueError(f"vit_depth ({self.vit_depth}) must be >= 1, with a ViT backbone")
         if self.num_feature_levels < 1:
             raise ValueError("num_feature_levels must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -107,6 +115,13 @@ class ModelConfig:
         if self.num_feature_levels == 1:
             return "single-scale-dc5" if self.dilation else "single-scale"
         return "multi-scale"
+
+    @property
+    def backbone_label(self) -> str:
+        """For people: "ResNet-50", "ResNet-50 DC5", "vit-small (12 blocks)"."""
+        if self.backbone == "resnet":
+            return f"ResNet-{self.backbone_depth}{' DC5' if self.dilation else ''}"
+        return f"{self.backbone} ({self.vit_depth or VIT_SIZES[self.backbone][1]} blocks)"
 
     def label_name(self, label: int) -> str:
         if 0 <= label < len(self.class_names) and self.class_names[label]:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from .backbone import ResNet
 from .config import ModelConfig
 from .op import ms_deform_attn
+from .vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -249,9 +250,19 @@ class DeformableDETR(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.backbone = nn.Module()
-        self.backbone.body = ResNet(cfg.backbone_depth, cfg.dilation, cfg.backbone_width)
-        self.backbone.body.freeze_stem()
-        body_channels = self.backbone.body.channels if cfg.num_feature_levels > 1 else self.backbone.body.channels[-1:]
+        if cfg.backbone == "resnet":
+            self.backbone.body = ResNet(cfg.backbone_depth, cfg.dilation, cfg.backbone_width)
+            self.backbone.body.freeze_stem()
+            levels = self.backbone.body.channels
+        else:
+            # ViT: timm names under backbone.body (trained at the backbone lr); the pyramid is new
+            # in every model, so it sits outside ``backbone`` and trains at the full lr.
+            self.backbone.body = VisionTransformer.from_name(cfg.backbone, cfg.vit_depth)
+            # single-scale takes the last level, stride 32, as with a ResNet
+            strides = (8, 16, 32) if cfg.num_feature_levels > 1 else (32,)
+            self.pyramid = SimpleFeaturePyramid(self.backbone.body.embed_dim, strides)
+            levels = self.pyramid.channels
+        body_channels = levels if cfg.num_feature_levels > 1 else levels[-1:]
         projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in body_channels]
         cin = body_channels[-1]
         for _ in range(cfg.num_feature_levels - len(body_channels)):
@@ -292,7 +303,8 @@ class DeformableDETR(nn.Module):
         layout changes, so such a model is neither trained nor saved.
         """
         self.eval()
-        self.backbone.body.fuse_bn_()
+        if isinstance(self.backbone.body, ResNet):  # a ViT has no batch norm to fold
+            self.backbone.body.fuse_bn_()
         self.backbone.to(memory_format=torch.channels_last)
         self.input_proj.to(memory_format=torch.channels_last)
         return self
@@ -307,7 +319,12 @@ class DeformableDETR(nn.Module):
         if self.inference_only:
             # channels-last convs; the flattened (B, HW, C) tokens are then views, not copies
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone.body(images)
+        if isinstance(self.backbone.body, ResNet):
+            feats = self.backbone.body(images)
+        else:
+            feats = self.pyramid(self.backbone.body(images))
+            # the ViT sees the image padded to whole patches: so does the mask
+            mask = pad_to_patch_multiple(mask, value=True)
         if self.cfg.num_feature_levels == 1:
             feats = feats[-1:]
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from .config import ModelConfig
+from .config import BACKBONES, VIT_SIZES, ModelConfig
 from .detector import pick_device as detector_pick_device
 from .detector import postprocess
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
@@ -61,6 +61,7 @@ from .data import Dataset, DatasetError, Record, load_dataset
 from .losses import build_criterion
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
+from .vit import load_timm_vit
 from .weights import WeightsError, canonical_state_dict, load_state_dict_strict, read_weights, save_model
 
 STATE_FORMAT = "ddetr-train-state"
@@ -84,7 +85,11 @@ class FinetuneOptions:
     model: str | None = None  # path or registry name; None = the registry's default (COCO) model
     scratch: bool = False
     variant: str = "multi-scale"  # only with scratch
-    arch: list[str] = field(default_factory=list)  # KEY=VALUE ModelConfig overrides, only with scratch
+    arch: list[str] = field(default_factory=list)  # KEY=VALUE ModelConfig overrides, only for a new model
+    # "vit-small"/"vit-base": a new model on that backbone unless ``model`` is one; None/"resnet":
+    # the model as given. A pretrained ``model`` must have this backbone.
+    backbone: str | None = None
+    backbone_weights: str | None = None  # timm-layout ViT weights for a new ViT-backbone model
     format: str | None = None
     val_fraction: float = 0.2
     epochs: int = 50
@@ -129,8 +134,19 @@ class FinetuneOptions:
         for ok, msg in checks:
             if not ok:
                 raise FinetuneError(msg)
-        if self.arch and not self.scratch:
-            raise FinetuneError("--arch only applies with --scratch (a pretrained model fixes the architecture)")
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise FinetuneError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.arch and not self.new_model:
+            raise FinetuneError("--arch only applies to a new model, with --scratch or --backbone vit-* "
+                                "(a pretrained model fixes the architecture)")
+        if self.backbone_weights and not (self.new_model and self.backbone in VIT_SIZES):
+            raise FinetuneError("--backbone-weights applies to a new ViT-backbone model: give --backbone "
+                                f"{'|'.join(VIT_SIZES)} and no --model")
+
+    @property
+    def new_model(self) -> bool:
+        """A freshly built model: --scratch, or a ViT backbone without a (ViT) --model to start from."""
+        return self.scratch or (self.backbone in VIT_SIZES and self.model is None)
 
 
 def parse_arch(items: Sequence[str]) -> dict[str, Any]:
@@ -300,18 +316,27 @@ def starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defor
 
 def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
     n = len(class_names)
-    if opts.scratch:
+    if opts.new_model:
+        arch = parse_arch(opts.arch)
+        if opts.backbone:
+            if arch.setdefault("backbone", opts.backbone) != opts.backbone:
+                raise FinetuneError(f"--backbone {opts.backbone} contradicts --arch backbone={arch['backbone']}")
         try:
-            cfg = ModelConfig.from_variant(opts.variant, **parse_arch(opts.arch), num_classes=n, class_names=list(class_names))
+            cfg = ModelConfig.from_variant(opts.variant, **arch, num_classes=n, class_names=list(class_names))
         except (TypeError, ValueError) as e:
-            if isinstance(e, FinetuneError):
-                raise
             raise FinetuneError(f"bad model configuration: {e}") from None
         model = build_model(cfg)
         model.backbone.body.prepare_scratch_()  # no ImageNet weights: make the body trainable as a whole
-        return model, f"random init ({cfg.variant}, ResNet-{cfg.backbone_depth}, d_model {cfg.d_model})"
+        source = f"random init ({cfg.variant}, {cfg.backbone_label}, d_model {cfg.d_model})"
+        if opts.backbone_weights:
+            note = load_timm_vit(model.backbone.body, opts.backbone_weights)
+            source += f", ViT weights from {opts.backbone_weights}" + (f" ({note})" if note else "")
+        return model, source
     path = resolve_model_path(opts.model)
     cfg, sd, layout = read_weights(path)
+    if opts.backbone and cfg.backbone != opts.backbone:
+        raise FinetuneError(f"--backbone {opts.backbone}: {path} has a {cfg.backbone} backbone"
+                            + (f" (leave out --model to train a new {opts.backbone} model)" if opts.backbone in VIT_SIZES else ""))
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
         model = build_model(cfg)
         load_state_dict_strict(model, sd, source=str(path))
@@ -490,7 +515,7 @@ class Trainer:
         if state is not None:
             cfg = ModelConfig.from_dict(state["model_config"])
             self.model = build_model(cfg)
-            if o.scratch:  # same trainable set (hence optimizer layout) as the interrupted run
+            if o.new_model:  # same trainable set (hence optimizer layout) as the interrupted run
                 self.model.backbone.body.prepare_scratch_()
             load_state_dict_strict(self.model, state["model"], source="last.pt")
             self.model_source = f"resumed from {run_dir / 'last.pt'}"
@@ -958,6 +983,8 @@ def finetune_command(
     scratch: bool = False,
     variant: str | None = None,
     arch: list[str] | None = None,
+    backbone: str | None = None,
+    backbone_weights: str | None = None,
     format: str | None = None,
     val_fraction: float | None = None,
     epochs: int | None = None,
@@ -992,7 +1019,8 @@ def finetune_command(
     """
     from rich.console import Console
 
-    opts = dict(model=model, scratch=scratch or None, variant=variant, arch=list(arch) if arch else None, format=format,
+    opts = dict(model=model, scratch=scratch or None, variant=variant, arch=list(arch) if arch else None,
+                backbone=backbone, backbone_weights=backbone_weights, format=format,
                 val_fraction=val_fraction, epochs=epochs, batch=batch, imgsz=imgsz, lr=lr, lr_backbone=lr_backbone,
                 weight_decay=weight_decay, clip_max_norm=clip_max_norm, lr_drop=lr_drop, accumulate=accumulate,
                 amp=amp, ema=ema, patience=patience, workers=workers, seed=seed, device=device, max_steps=max_steps,
@@ -1017,7 +1045,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="pretrained weights: path or registry name (default: the COCO model)")
     p.add_argument("--scratch", action="store_true", help="random init instead of pretrained weights")
     p.add_argument("--variant", help=f"architecture with --scratch (default {d.variant})")
-    p.add_argument("--arch", action="append", metavar="KEY=VALUE", help="ModelConfig override with --scratch (repeatable)")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE", help="ModelConfig override for a new model: --scratch or --backbone vit-* (repeatable)")
+    p.add_argument("--backbone", help=f"{', '.join(BACKBONES)}; a ViT means a new model unless --model is a ViT one")
+    p.add_argument("--backbone-weights", help="timm-layout ViT weights (.safetensors/.pth) for a new ViT-backbone model")
     p.add_argument("--format", help="dataset format (default: auto-detect)")
     p.add_argument("--val-fraction", type=float, help=f"train fraction carved as val when there is no val split ({d.val_fraction})")
     p.add_argument("--epochs", type=int, help=f"epochs ({d.epochs})")

@@ -44,3 +44,7 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DDETR_HOME", str(tmp_path / "ddetr_home"))
     if "DDETR_CACHE" in os.environ:
         monkeypatch.setenv("DDETR_CACHE", os.environ["DDETR_CACHE"])
+    # Subprocesses (`python -m ddetr_cli ...`, some run from a temporary cwd) import the package
+    # under test, not whatever copy is installed (an editable install may point at another checkout).
+    root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
