@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import supervision as sv
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from coco_reference import cocoeval_stats
 from ddetr_cli import coco_data
 from ddetr_cli.data import load_dataset
 from ddetr_cli.evaluate import METRIC_NAMES, EvalError, coco_metrics, evaluate, ground_truth
@@ -67,16 +66,6 @@ class GroundTruthDetector:
         return out
 
 
-def _cocoeval_stats(gt_file: Path, pred_file: Path) -> list[float]:
-    """Independent scoring: pycocotools on the two files, as a user would run it."""
-    gt = COCO(str(gt_file))
-    ev = COCOeval(gt, gt.loadRes(str(pred_file)), "bbox")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    return [float(s) for s in ev.stats]
-
-
 def _same(metrics: dict, stats: list[float]) -> None:
     for name, s in zip(METRIC_NAMES, stats):
         assert metrics[name] == (None if s < 0 else pytest.approx(s, abs=1e-12)), name
@@ -106,7 +95,7 @@ def test_shifted_boxes_match_cocoeval_on_the_original_files(tmp_path):
               "bbox": [a["bbox"][0] + dx, a["bbox"][1] + dy, a["bbox"][2], a["bbox"][3]]} for a in gt["annotations"]]
     pred_file = tmp_path / "expected_predictions.json"
     pred_file.write_text(json.dumps(preds))
-    stats = _cocoeval_stats(COCO_VAL_JSON, pred_file)
+    stats = cocoeval_stats(COCO_VAL_JSON, pred_file)
     assert 0.0 < stats[0] < 1.0  # the shift must matter, or the test proves nothing
     _same(res.metrics, stats)
 
@@ -117,7 +106,7 @@ def test_metrics_json_equals_cocoeval_of_saved_predictions(tmp_path):
     saved = json.loads((tmp_path / "predictions.json").read_text())
     assert isinstance(saved, list) and set(saved[0]) == {"image_id", "category_id", "bbox", "score"}
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    stats = _cocoeval_stats(COCO_VAL_JSON, tmp_path / "predictions.json")
+    stats = cocoeval_stats(COCO_VAL_JSON, tmp_path / "predictions.json")
     assert 0.0 < stats[0] < 1.0
     _same(metrics, stats)
 
@@ -127,7 +116,7 @@ def test_yolo_predictions_rescore_against_the_exported_ground_truth(tmp_path):
     res = evaluate(GroundTruthDetector(ds, noise=(2.0, 2)), ds, out_dir=tmp_path, save_predictions=True)
     gt_file = tmp_path / "gt.json"
     gt_file.write_text(json.dumps(ds.to_coco_dict()))  # categories 1..C, as evaluate numbers them
-    _same(res.metrics, _cocoeval_stats(gt_file, tmp_path / "predictions.json"))
+    _same(res.metrics, cocoeval_stats(gt_file, tmp_path / "predictions.json"))
 
 
 def test_coco_metrics_api():
@@ -235,7 +224,7 @@ def test_cli_eval_folder_with_tiny_model(tmp_path, tiny_model_path, monkeypatch,
     gt = ground_truth(ds, ds.records[:4])
     gt_file = tmp_path / "gt.json"
     gt_file.write_text(json.dumps(gt))
-    _same(json.loads((out / "metrics.json").read_text())["metrics"], _cocoeval_stats(gt_file, out / "predictions.json"))
+    _same(json.loads((out / "metrics.json").read_text())["metrics"], cocoeval_stats(gt_file, out / "predictions.json"))
 
     code, _, err = _main(["eval", str(DATA / "coco"), "--model", str(tiny_model_path), "--imgsz", "96",
                           "--max-images", "2", "--out", str(tmp_path / "run2")], monkeypatch, capsys)

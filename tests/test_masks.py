@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import supervision as sv
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from coco_reference import cocoeval_stats
 
 from ddetr_cli import synth
 from ddetr_cli.data import load_dataset
@@ -351,15 +351,6 @@ class GroundTruthMasks:
         return out
 
 
-def _segm_stats(gt_file: Path, pred_file: Path) -> list[float]:
-    gt = COCO(str(gt_file))
-    ev = COCOeval(gt, gt.loadRes(str(pred_file)), "segm")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    return [float(s) for s in ev.stats]
-
-
 @pytest.fixture(scope="module")
 def masked_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("masked")
@@ -375,7 +366,7 @@ def test_mask_ap_equals_cocoeval_on_the_written_files(masked_dataset: Path, tmp_
     stub.queue = [int(r.image_id) for r in ds.records]
     res = evaluate(stub, ds, out_dir=tmp_path, save_predictions=True, workers=1)
     assert res.mask_metrics is not None
-    stats = _segm_stats(gt_file, tmp_path / "predictions.json")
+    stats = cocoeval_stats(gt_file, tmp_path / "predictions.json", "segm")
     for name, s in zip(METRIC_NAMES, stats):
         assert res.mask_metrics[name] == (None if s < 0 else pytest.approx(s, abs=1e-12)), name
     if shift == 0:
