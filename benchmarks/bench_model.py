@@ -10,7 +10,6 @@ in one process, interleaved, on the same inputs and thread count.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -27,17 +26,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns: dict, device: str, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns (so drift in a
+    shared machine's speed reaches every row alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compute_floor(model, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(GFLOP of the model's matmuls and convolutions, GFLOP/s of a large sgemm here): no fp32
+    implementation of the same network runs faster than their ratio on this CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # grad mode: the counter's module tracker needs autograd nodes
+        model(pixel_values=x, pixel_mask=(~mask).long())
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    best = min(time_interleaved({"sgemm": lambda: a @ b}, "cpu", 5).values(), default=None)
+    return counter.get_total_flops() / 1e9, 2 * 4096**3 / best / 1e9
 
 
 def main() -> None:
@@ -82,15 +98,16 @@ def main() -> None:
         with ac:
             return hf(pixel_values=x, pixel_mask=(~mask).long())
 
-    rows = []
-    t_ours = timeit(run_ours, dev, args.repeats)
-    rows.append(("ddetr (" + backend_info()["backend"] + " op)", t_ours))
+    ours_label = "ddetr (" + backend_info()["backend"] + " op)"
+    fns = {ours_label: run_ours} if args.no_hf else {ours_label: run_ours, "transformers 4.x": run_hf}
+    rows = list(time_interleaved(fns, dev, args.repeats).items())
     if not args.no_hf:
-        t_hf = timeit(run_hf, dev, args.repeats)
-        rows.append(("transformers 4.x", t_hf))
         with torch.inference_mode():
             a, b = run_ours(), run_hf()
         diff = (a["logits"].float() - b.logits.float()).abs().max().item()
+    floor = None
+    if not dev.startswith("cuda") and args.dtype == "fp32" and not args.no_hf:
+        floor = compute_floor(hf, x, mask)
     base = dict(rows).get("transformers 4.x")
     dev_name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {args.dtype}, {dev} ({dev_name}), torch {torch.__version__}\n")
@@ -99,6 +116,11 @@ def main() -> None:
     for name, t in rows:
         ratio = f"{base / t:.2f}x" if base else "-"
         print(f"| {name} | {t * 1000:.0f} | {args.batch / t:.2f} | {ratio} |")
+    if floor is not None:
+        gflop, peak = floor
+        t = gflop / peak
+        print(f"| compute floor: {gflop:.0f} GFLOP of GEMM + conv at {peak:.0f} GFLOP/s (this CPU's 4096^3 sgemm) "
+              f"| {t * 1000:.0f} | {args.batch / t:.2f} | {base / t:.2f}x |")
     if not args.no_hf:
         print(f"\nmax |logits diff| ours vs transformers: {diff:.2e}")
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inference import FusedConv2d
+
 # depth -> (block kind, blocks per stage)
 RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -66,6 +68,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        if isinstance(self.conv2, FusedConv2d):  # BN, ReLU and residual folded into the convs
+            return self.conv2(self.conv1(x), identity)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         return F.relu(self.bn2(self.conv2(out)) + identity, inplace=True)
 
@@ -83,6 +87,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        if isinstance(self.conv3, FusedConv2d):  # BN, ReLU and residual folded into the convs
+            return self.conv3(self.conv2(self.conv1(x)), identity)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         return F.relu(self.bn3(self.conv3(out)) + identity, inplace=True)
@@ -129,7 +135,11 @@ class ResNet(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, 3, H, W) -> [C2 (B, c2, H/4, W/4), C3, C4, C5]: every stage's output."""
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
+        if isinstance(self.conv1, FusedConv2d):
+            x = self.conv1(x)
+        else:
+            x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.max_pool2d(x, 3, 2, 1)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
@@ -138,26 +148,25 @@ class ResNet(nn.Module):
 
     @torch.no_grad()
     def fuse_bn_(self) -> "ResNet":
-        """Fold every frozen BN into the conv before it (inference only: the parameter layout
-        changes, so a fused model is not saved or trained). Saves a multiply-add pass over
-        every feature map."""
-        pairs = [(self, "conv1", "bn1")]
+        """Fold every frozen BN into the conv before it, and that conv's ReLU (and the block's
+        residual add) into its epilogue: see ``inference.FusedConv2d``. Inference only: the
+        parameter layout changes, so a fused model is not saved or trained. Saves a
+        multiply-add pass over every feature map and the separate add and ReLU passes."""
+        # (owner, conv, bn, ReLU after it): the last conv of a block is followed by add + ReLU
+        convs = [(self, "conv1", "bn1", True)]
         for m in self.modules():
             if isinstance(m, (BasicBlock, Bottleneck)):
-                pairs += [(m, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(m, f"bn{i}")]
+                last = 3 if isinstance(m, Bottleneck) else 2
+                convs += [(m, f"conv{i}", f"bn{i}", True) for i in range(1, last + 1)]
                 if m.downsample is not None:
-                    pairs.append((m.downsample, "0", "1"))
-        for owner, conv_name, bn_name in pairs:
+                    convs.append((m.downsample, "0", "1", False))
+        for owner, conv_name, bn_name, relu in convs:
             conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
             if not isinstance(bn, FrozenBatchNorm2d):
                 continue
             scale, shift = bn.scale_shift()
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, bias=True).to(conv.weight.device, conv.weight.dtype)
-            fused.weight.copy_(conv.weight * scale[:, None, None, None])
-            fused.bias.copy_(shift)
-            fused.requires_grad_(False)
-            setattr(owner, conv_name, fused)
+            weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+            setattr(owner, conv_name, FusedConv2d(conv, weight, shift.clone(), relu))
             setattr(owner, bn_name, nn.Identity())
         self.fused = True
         return self

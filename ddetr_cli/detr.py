@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .backbone import ResNet
 from .config import ModelConfig
+from .inference import optimize_for_inference
 from .model import MLP, SelfAttention, sine_position_embedding
 
 
@@ -56,12 +57,13 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU()  # a module, so inference can fuse it into linear1
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos (N, S, C); padding_mask (N, S) -> (N, S, C)."""
         qk = src + pos
         src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_mask)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout(ffn))
 
 
@@ -79,6 +81,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.norm3 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU()
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
                 padding_mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt)))
         attn = self.multihead_attn(tgt + query_pos, memory + pos, memory, padding_mask)
         tgt = self.norm2(tgt + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout(ffn))
 
 
@@ -200,15 +203,9 @@ class DETR(nn.Module):
             self.bbox_attention = MHAttentionMap(d, cfg.nheads)
             self.mask_head = MaskHead(d + cfg.nheads, stages[-2::-1], d)
 
-    @torch.no_grad()
     def optimize_for_inference(self) -> "DETR":
-        """Fold the frozen BNs into their convs and run the backbone channels-last (inference
-        only: the parameter layout changes, so such a model is neither trained nor saved)."""
-        self.eval()
-        self.backbone.body.fuse_bn_()
-        self.backbone.to(memory_format=torch.channels_last)
-        self.input_proj.to(memory_format=torch.channels_last)
-        return self
+        """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
+        return optimize_for_inference(self)
 
     @property
     def inference_only(self) -> bool:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from .backbone import ResNet
 from .config import ModelConfig
+from .inference import optimize_for_inference
 from .op import ms_deform_attn
 from .vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
 
@@ -126,12 +127,13 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(cfg.dim_feedforward, d)
         self.norm2 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU(inplace=True)  # a module, so inference can fuse it into linear1
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos (N, S, C); reference_points (N, S, L, 2) -> (N, S, C)."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src), inplace=True)))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout(ffn))
 
 
@@ -177,6 +179,7 @@ class DecoderLayer(nn.Module):
         self.linear2 = nn.Linear(cfg.dim_feedforward, d)
         self.norm3 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU(inplace=True)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); memory (N, S, C) -> (N, Q, C)."""
@@ -184,7 +187,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout(self.self_attn(q, tgt)))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
         tgt = self.norm1(tgt + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt), inplace=True)))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout(ffn))
 
 
@@ -295,19 +298,9 @@ class DeformableDETR(nn.Module):
         if cfg.two_stage:
             self.transformer.decoder.class_embed = self.class_embed
 
-    @torch.no_grad()
     def optimize_for_inference(self) -> "DeformableDETR":
-        """Fold the frozen BNs into their convs and run convolutions channels-last.
-
-        Same outputs (to float rounding), less memory traffic. Inference only: the parameter
-        layout changes, so such a model is neither trained nor saved.
-        """
-        self.eval()
-        if isinstance(self.backbone.body, ResNet):  # a ViT has no batch norm to fold
-            self.backbone.body.fuse_bn_()
-        self.backbone.to(memory_format=torch.channels_last)
-        self.input_proj.to(memory_format=torch.channels_last)
-        return self
+        """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
+        return optimize_for_inference(self)
 
     @property
     def inference_only(self) -> bool:
@@ -415,11 +408,15 @@ class DeformableDETR(nn.Module):
         level_start = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self._valid_ratios(m) for m in masks], 1).to(src_flat.dtype)
 
+        # An unpadded CPU batch (any single image) skips masking the values in every layer; on
+        # CUDA the check would cost a sync, so the mask is always applied there.
+        padding = None if mask_flat.device.type == "cpu" and not mask_flat.any() else mask_flat
+
         # encoder
         memory = src_flat
         ref = self._encoder_reference_points(shapes, valid_ratios).to(src_flat.dtype)
         for layer in t.encoder.layers:
-            memory = layer(memory, pos_flat, ref, spatial_shapes, level_start, mask_flat)
+            memory = layer(memory, pos_flat, ref, spatial_shapes, level_start, padding)
 
         # queries
         out: dict = {}
@@ -446,7 +443,7 @@ class DeformableDETR(nn.Module):
         logits_all, boxes_all = [], []
         for lvl, layer in enumerate(t.decoder.layers):
             ratios = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
-            tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, level_start, mask_flat)
+            tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, level_start, padding)
             delta = self.bbox_embed[lvl](tgt)
             ref_logit = inverse_sigmoid(reference)
             if reference.shape[-1] == 4:

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from ddetr_cli.inference import FastLinear, FusedConv2d
 from ddetr_cli.weights import WeightsError, detect_layout, load_model
 
 from hf_reference import VARIANT_FLAGS, image_batch, make_hf_model, save_hub
@@ -22,6 +23,18 @@ def _run_both(hf, ours):
         ref = hf(pixel_values=pixels, pixel_mask=valid.long())
         out = ours(pixels, ~valid)
     return ref, out
+
+
+def _assert_optimized_close(ref, ours):
+    """The inference path (BN folded, fused conv/linear epilogues, channels-last) agrees too."""
+    ours.optimize_for_inference()
+    assert any(isinstance(m, FusedConv2d) for m in ours.modules())
+    assert any(isinstance(m, FastLinear) and m.relu for m in ours.modules())
+    assert not any(type(m) is torch.nn.Linear for m in ours.modules())
+    pixels, valid = image_batch()
+    with torch.inference_mode():
+        out = ours(pixels, ~valid)
+    _assert_close(ref, out)
 
 
 def _assert_close(ref, out):
@@ -45,6 +58,7 @@ def test_hub_layout_parity(variant, tmp_path):
         # encoder proposals feed the decoder's queries; compare them directly too
         d = (ref.enc_outputs_class - out["enc"]["logits"]).abs().max().item()
         assert d <= TOL
+    _assert_optimized_close(ref, ours)
 
 
 def test_hub_layout_full_size_resnet18_bin(tmp_path):
@@ -55,7 +69,9 @@ def test_hub_layout_full_size_resnet18_bin(tmp_path):
     assert (tmp_path / "hub" / "pytorch_model.bin").is_file()
     ours = load_model(tmp_path / "hub")
     assert ours.cfg.d_model == 256 and ours.cfg.num_queries == 300 and ours.cfg.backbone_depth == 18
-    _assert_close(*_run_both(hf, ours))
+    ref, out = _run_both(hf, ours)
+    _assert_close(ref, out)
+    _assert_optimized_close(ref, ours)
 
 
 # --- official layout: built by renaming the transformers state dict (the facts file's table) --
