@@ -86,6 +86,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
     """
     import torch
 
+    from .inference import fused_cpu_kernels
     from .op import backend_info
 
     b = backend_info()
@@ -99,6 +100,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "msda_backend": b.get("backend"),
         "msda_reason": b.get("reason"),
         "msda_cuda_kernels": b.get("cuda_kernels"),
+        "cpu_fused_kernels": fused_cpu_kernels(),
     }
     if as_json:
         out.print_json(json.dumps(data))

@@ -30,6 +30,13 @@ _ONEDNN_LINEAR = _onednn_linear_available()
 _ONEDNN_CONV = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def fused_cpu_kernels() -> str:
+    """What CPU float32 inference runs its linears and convolutions with (for ``ddetr info``)."""
+    if _ONEDNN_LINEAR and _ONEDNN_CONV and torch.backends.mkldnn.enabled:
+        return "oneDNN (bias, ReLU and residual fused into linears and convolutions)"
+    return "plain PyTorch ops (this torch build has no oneDNN fused linear/convolution)"
+
+
 class FastLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state-dict names) with an optional fused ReLU.
 

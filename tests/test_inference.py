@@ -140,3 +140,19 @@ def test_fused_resnet_equals_unfused(depth, dilation):
     assert ref[-1].std() > 1e-3
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_info_reports_the_cpu_kernels():
+    import json
+
+    from typer.testing import CliRunner
+
+    from ddetr_cli.cli import app
+
+    r = CliRunner().invoke(app, ["info", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["msda_backend"] in ("compiled", "torch") and data["msda_reason"]
+    assert data["cpu_fused_kernels"] == inference.fused_cpu_kernels()
+    if X86_LINUX:
+        assert data["cpu_fused_kernels"].startswith("oneDNN")
