@@ -68,21 +68,34 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = ap.parse_args()
 
-    from hf_reference import make_hf_model, save_hub
-
     from ddetr_cli.op import backend_info
     from ddetr_cli.weights import load_model
 
     import tempfile
 
-    hf = make_hf_model(args.variant, small=False, num_labels=91)
-    with tempfile.TemporaryDirectory() as d:
-        save_hub(hf, d)
-        ours = load_model(d)
+    hf = None
+    if not args.no_hf:
+        try:
+            from hf_reference import make_hf_model, save_hub
+
+            hf = make_hf_model(args.variant, small=False, num_labels=91)
+        except Exception as e:  # e.g. a machine whose transformers has no (or another) DeformableDetr
+            print(f"transformers' model unavailable ({type(e).__name__}: {e}); timing ddetr alone")
+            args.no_hf = True
+    if hf is not None:
+        with tempfile.TemporaryDirectory() as d:
+            save_hub(hf, d)
+            ours = load_model(d)
+    else:
+        from ddetr_cli.config import ModelConfig
+        from ddetr_cli.model import build_model
+
+        ours = build_model(ModelConfig.from_variant(args.variant, num_classes=91))
     ours.optimize_for_inference()  # what Detector does
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = args.device
-    hf.to(dev).eval()
+    if hf is not None:
+        hf.to(dev).eval()
     ours.to(dev).eval()
     x = torch.randn(args.batch, 3, args.height, args.width, device=dev)
     mask = torch.zeros(args.batch, args.height, args.width, dtype=torch.bool, device=dev)
