@@ -30,6 +30,18 @@ _ONEDNN_LINEAR = _onednn_linear_available()
 _ONEDNN_CONV = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the oneDNN kernels apply: CPU float32 inference (no autograd, no autocast)."""
+    return (
+        torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() > 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 def fused_cpu_kernels() -> str:
     """What CPU float32 inference runs its linears and convolutions with (for ``ddetr info``)."""
     if _ONEDNN_LINEAR and _ONEDNN_CONV and torch.backends.mkldnn.enabled:
@@ -49,20 +61,8 @@ class FastLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
         self.relu = relu
 
-    def _use_onednn(self, x: torch.Tensor) -> bool:
-        return (
-            _ONEDNN_LINEAR
-            and torch.backends.mkldnn.enabled
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and x.numel() > 0
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_onednn(x):
+        if _ONEDNN_LINEAR and _onednn_inference(x, self.weight):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu" if self.relu else "none", [], "")
         y = F.linear(x, self.weight, self.bias)
         return F.relu(y, inplace=True) if self.relu else y
@@ -88,21 +88,9 @@ class FusedConv2d(nn.Conv2d):
         self.bias = nn.Parameter(bias, requires_grad=False)
         self.relu = relu
 
-    def _use_onednn(self, x: torch.Tensor) -> bool:
-        return (
-            _ONEDNN_CONV
-            and torch.backends.mkldnn.enabled
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and isinstance(self.padding, tuple)
-            and self.padding_mode == "zeros"
-            and x.numel() > 0
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.is_autocast_enabled("cpu")
-        )
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self._use_onednn(x):
+        zero_padded = isinstance(self.padding, tuple) and self.padding_mode == "zeros"
+        if _ONEDNN_CONV and zero_padded and _onednn_inference(x, self.weight):
             geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             unary = "relu" if self.relu else None
             if residual is None:
