@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .labels import LabelTable
+
 # The five published variants, as overrides of the multi-scale defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
     "single-scale": {"num_feature_levels": 1},
@@ -39,6 +41,9 @@ class ModelConfig:
     masks: bool = False
     num_classes: int = 91
     class_names: list[str] = field(default_factory=list)
+    # the category id of each label, for models trained on a COCO dataset (its own ids); empty:
+    # the rule of labels.LabelTable (COCO table, else 1..C)
+    category_ids: list[int] = field(default_factory=list)
     backbone_depth: int = 50
     backbone_width: int = 64  # stem channels; 64 in published ResNets, less for small CPU models
     vit_depth: int | None = None  # ViT blocks; None = the published 12
@@ -86,6 +91,8 @@ class ModelConfig:
             raise ValueError("num_feature_levels must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.category_ids and len(self.category_ids) != self.num_classes:
+            raise ValueError(f"{len(self.category_ids)} category ids for {self.num_classes} classes")
 
     def _check_detr(self) -> None:
         if self.backbone != "resnet":
@@ -123,10 +130,10 @@ class ModelConfig:
             return f"ResNet-{self.backbone_depth}{' DC5' if self.dilation else ''}"
         return f"{self.backbone} ({self.vit_depth or VIT_SIZES[self.backbone][1]} blocks)"
 
-    def label_name(self, label: int) -> str:
-        if 0 <= label < len(self.class_names) and self.class_names[label]:
-            return self.class_names[label]
-        return str(label)
+    @property
+    def labels(self) -> LabelTable:
+        """Label index -> category id and name, as every output file writes them."""
+        return LabelTable.for_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, **asdict(self)}

@@ -35,6 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .labels import LabelTable
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FORMATS = ("coco", "yolo", "voc")
 _FORMAT_ALIASES = {"coco": "coco", "yolo": "yolo", "voc": "voc", "pascal_voc": "voc",
@@ -155,13 +157,20 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def to_coco_dict(self, records: Sequence[Record] | None = None,
-                     category_ids: Sequence[int] | None = None) -> dict:
-        """COCO ground truth for pycocotools (bbox xywh, area w*h) of ``records`` (default all).
+    @property
+    def labels(self) -> LabelTable:
+        """Label -> category id and name as files write them, and the table a model trained on
+        this data carries: COCO datasets keep their own ids (so pre-labels merge back into the
+        user's project and predictions score against the original file); YOLO/VOC are numbered
+        from 1, since COCO tools read id 0 as "no label"."""
+        own = self.format == "coco" and len(self.category_ids) == len(self.class_names)
+        ids = [int(c) for c in self.category_ids] if own else list(range(1, len(self.class_names) + 1))
+        return LabelTable.from_names(self.class_names, ids)
 
-        ``category_ids[label]`` numbers the categories (default 1..C in class order).
-        """
-        cat_ids = list(category_ids) if category_ids is not None else list(range(1, len(self.class_names) + 1))
+    def to_coco_dict(self, records: Sequence[Record] | None = None) -> dict:
+        """COCO ground truth for pycocotools (bbox xywh, area w*h) of ``records`` (default all),
+        with the category ids of ``labels``."""
+        cat_ids = [c.id for c in self.labels]
         images, annotations = [], []
         for r in self.records if records is None else records:
             images.append({"id": int(r.image_id), "file_name": r.path.name,
@@ -172,8 +181,7 @@ class Dataset:
                 annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id),
                                     "category_id": cat_ids[label], "bbox": [x1, y1, w, h],
                                     "area": w * h, "iscrowd": 0, "segmentation": seg or []})
-        categories = [{"id": c, "name": n, "supercategory": "none"}
-                      for c, n in zip(cat_ids, self.class_names)]
+        categories = [{"id": c.id, "name": c.name, "supercategory": "none"} for c in self.labels]
         return {"info": {"description": f"{self.root} ({self.format}, {self.split})"},
                 "licenses": [], "images": images, "annotations": annotations,
                 "categories": categories}

@@ -103,9 +103,9 @@ def run_detect(
     if total_hint:
         total_hint(len(items))
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = detector.class_names
-    coco = CocoWriter(names)
-    annot = Annotator(names) if save_images else None
+    labels = detector.labels
+    coco = CocoWriter(labels)
+    annot = Annotator(labels) if save_images else None
     res = DetectResult(out_dir)
     pred_path = out_dir / "predictions.json"
     res.outputs["coco"] = str(pred_path)
@@ -142,12 +142,12 @@ def run_detect(
             coco.add(name, w, h, dets, polygons)
             res.images += 1
             res.detections += len(dets)
-            res.per_class.update(names[int(c)] or str(int(c)) for c in dets.class_id)
+            res.per_class.update(labels.name(int(c)) for c in dets.class_id)
             stem = name.rsplit(".", 1)[0]
             if "yolo" in formats:
-                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, polygons))
+                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons))
             if "voc" in formats:
-                atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, names))
+                atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
             if annot is not None:
                 drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
                 suffix = Path(name).suffix.lower()

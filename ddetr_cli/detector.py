@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig
+from .labels import LabelTable
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -302,9 +304,15 @@ class Detector:
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
+    @functools.cached_property
+    def labels(self) -> LabelTable:
+        """Label index -> category id and name (``labels.LabelTable``), as every output writes them."""
+        return self.cfg.labels
+
     @property
     def class_names(self) -> list[str]:
-        return [self.cfg.label_name(i) for i in range(self.cfg.num_classes)]
+        """Per label index, its name for display (an unnamed slot shows its index)."""
+        return [self.labels.name(i) for i in range(self.cfg.num_classes)]
 
     def _autocast(self):
         if self.half:
@@ -334,7 +342,10 @@ class Detector:
         classes: Sequence[int] | None = None,
     ) -> list[sv.Detections]:
         """Raw outputs of one batch (and its padding mask) -> detections per image, scored the
-        way the model family is (DETR: softmax with "no object"), with masks when it has a mask head."""
+        way the model family is (DETR: softmax with "no object"), with masks when it has a mask head.
+        Unnamed slots of the label table (COCO's "N/A" ids) are never detected."""
+        if classes is None and self.labels.has_unnamed:
+            classes = self.labels.labels
         return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names,
                            no_object=self.cfg.arch == "detr", masks=out.get("masks"), pad_mask=pad_mask)
 
@@ -366,15 +377,15 @@ class Detector:
         return out
 
     def class_ids(self, names_or_ids: Sequence[str | int]) -> list[int]:
-        """Class names (case-insensitive) or ids -> label ids; unknown names raise ValueError."""
-        lookup = {n.lower(): i for i, n in enumerate(self.class_names) if n}
+        """Class names (case-insensitive) or category ids (as the output files write them) -> the
+        model's label indices; unknown names or ids raise ValueError."""
+        by_id = {c.id: c for c in self.labels}
         ids = []
         for item in names_or_ids:
             s = str(item).strip()
-            if s.isdigit():
-                ids.append(int(s))
-            elif s.lower() in lookup:
-                ids.append(lookup[s.lower()])
-            else:
-                raise ValueError(f"unknown class {s!r}; the model knows: {', '.join(n for n in self.class_names if n)}")
+            cat = by_id.get(int(s)) if s.isdigit() else self.labels.find(s)
+            if cat is None:
+                raise ValueError(f"unknown class {s!r}; the model knows: "
+                                 + ", ".join(f"{c.name} ({c.id})" for c in self.labels))
+            ids.append(cat.label)
         return ids

@@ -15,7 +15,7 @@ import re
 import torch
 
 from .backbone import RESNET_LAYOUTS
-from .classes import coco_class_names
+from .labels import coco_class_names
 from .config import ModelConfig
 from .weights import WeightsError, hub_class_names, hub_to_own
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from .data import Dataset, DatasetError, Record, _coco_segmentation
 from .export import atomic_write_text
+from .labels import LabelTable
 from .masks import instance_polygons
 
 # the 12 numbers of COCOeval.summarize(), in its order
@@ -58,7 +59,7 @@ class PredictsArrays(Protocol):
     after each call; without it the whole call counts as inference.
     """
 
-    class_names: Sequence[str]
+    labels: LabelTable
 
     def predict_arrays(self, images: Sequence[np.ndarray], conf: float = ..., max_det: int = ...,
                        classes: Sequence[int] | None = ...) -> list[Any]: ...
@@ -85,68 +86,36 @@ class ClassMapping:
                 "dataset_only": self.dataset_only}
 
 
-def model_class_names(detector: Any) -> list[str]:
-    """The model's label names with "" at unnamed slots.
+def match_classes(labels: LabelTable, dataset: Dataset) -> ClassMapping:
+    """Match model labels to dataset categories: by id when the model's table carries this COCO
+    dataset's ids (a published COCO model on COCO data, or a model fine-tuned on this dataset),
+    else by name (case-insensitive).
 
-    ``Detector.class_names`` shows unnamed slots as their index ("0", "12") for display, which
-    would hide the COCO convention (slot 0 unnamed => label index is the COCO id), so the raw
-    names from the config are preferred when there is one.
+    "Carries the ids" means at least half of the dataset's categories have the same name at the
+    same id in the model's table.
     """
-    cfg = getattr(detector, "cfg", None)
-    raw = list(getattr(cfg, "class_names", None) or [])
-    n = getattr(cfg, "num_classes", None)
-    if raw and (n is None or len(raw) == n):
-        return [str(x or "") for x in raw]
-    names = [str(x or "") for x in detector.class_names]
-    if cfg is not None and not raw:
-        names = ["" if x == str(i) else x for i, x in enumerate(names)]
-    return names
-
-
-def dataset_category_ids(dataset: Dataset) -> list[int]:
-    """Ground-truth category id of each dataset class (aligned with ``class_names``).
-
-    COCO datasets keep their own ids (so predictions.json scores against the original file);
-    YOLO/VOC are numbered from 1, since COCO tools treat id 0 as "no label".
-    """
-    if dataset.format == "coco" and len(dataset.category_ids) == len(dataset.class_names):
-        return [int(c) for c in dataset.category_ids]
-    return list(range(1, len(dataset.class_names) + 1))
-
-
-def match_classes(model_names: Sequence[str], dataset: Dataset) -> ClassMapping:
-    """Match model labels to dataset categories: by id for COCO-on-COCO, else by name.
-
-    "COCO-on-COCO" means a model whose slot 0 is unnamed (label index = COCO id) evaluated on a
-    COCO-format dataset whose categories mostly carry the same names at the same ids; any other
-    pairing matches names case-insensitively.
-    """
-    names = [str(n or "") for n in model_names]
-    cat_ids = dataset_category_ids(dataset)
-    ds = list(zip(cat_ids, dataset.class_names))
-    coco_style = len(names) > 1 and not names[0]
-    same_id = sum(1 for cid, n in ds if 0 <= cid < len(names) and names[cid].strip().lower() == n.strip().lower())
+    ds = [(c.id, c.name) for c in dataset.labels]
+    ds_names = dict(ds)
+    same_id = sum(1 for c in labels if ds_names.get(c.id, "").strip().lower() == c.name.strip().lower())
     label_to_cat: dict[int, int] = {}
-    if coco_style and dataset.format == "coco" and ds and same_id * 2 >= len(ds):
+    if dataset.format == "coco" and ds and same_id * 2 >= len(ds):
         mode = "id"
-        for cid, _ in ds:
-            if 0 <= cid < len(names) and names[cid]:
-                label_to_cat[cid] = cid
+        label_to_cat = {c.label: c.id for c in labels if c.id in ds_names}
     else:
         mode = "name"
         by_name: dict[str, int] = {}
         for cid, n in ds:
             by_name.setdefault(n.strip().lower(), cid)
-        for label, n in enumerate(names):
-            key = n.strip().lower()
-            if key and key in by_name and by_name[key] not in label_to_cat.values():
-                label_to_cat[label] = by_name[key]
+        for c in labels:
+            cid = by_name.get(c.name.strip().lower())
+            if cid is not None and cid not in label_to_cat.values():
+                label_to_cat[c.label] = cid
     hit = set(label_to_cat.values())
     return ClassMapping(
         mode=mode,
         label_to_cat=label_to_cat,
         matched=[n for cid, n in ds if cid in hit],
-        model_only=[n for i, n in enumerate(names) if n and i not in label_to_cat],
+        model_only=[c.name for c in labels if c.label not in label_to_cat],
         dataset_only=[n for cid, n in ds if cid not in hit],
     )
 
@@ -174,15 +143,14 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
     """
     records = list(dataset.records if records is None else records)
     keep = {int(r.image_id) for r in records}
-    cat_ids = dataset_category_ids(dataset)
-    categories = [{"id": cid, "name": n, "supercategory": "none"} for cid, n in zip(cat_ids, dataset.class_names)]
+    categories = [{"id": c.id, "name": c.name, "supercategory": "none"} for c in dataset.labels]
     ann_file = _coco_annotation_file(dataset) if dataset.format == "coco" else None
     if ann_file is not None and ann_file.is_file():
         try:
             raw = json.loads(ann_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise DatasetError(f"{ann_file}: cannot read ({e})") from None
-        wanted = set(cat_ids)
+        wanted = {c["id"] for c in categories}
         images = [im for im in raw.get("images", []) if int(im.get("id", -1)) in keep]
         annotations = []
         for a in raw.get("annotations") or []:
@@ -202,7 +170,7 @@ def ground_truth(dataset: Dataset, records: Sequence[Record] | None = None) -> d
         categories = [{**c, **by_id.get(c["id"], {})} for c in categories]  # keep the file's supercategories
         return {"info": raw.get("info") or {}, "licenses": [], "images": images,
                 "annotations": annotations, "categories": categories}
-    return dataset.to_coco_dict(records, cat_ids)
+    return dataset.to_coco_dict(records)
 
 
 # --------------------------------------------------------------------------- COCOeval
@@ -441,9 +409,9 @@ def evaluate(
     Speed is per image, excluding the first batch (warm-up) when there is more than one.
     Raises EvalError when no model class matches any dataset class.
     """
-    mapping = match_classes(model_class_names(detector), dataset)
+    mapping = match_classes(detector.labels, dataset)
     if not mapping.label_to_cat:
-        model_names = [n for n in model_class_names(detector) if n]
+        model_names = detector.labels.names
         raise EvalError(
             f"none of the model's {len(model_names)} classes ({_short(model_names)}) is in the dataset "
             f"({_short(dataset.class_names)}); evaluate on data with the model's classes or finetune it first")

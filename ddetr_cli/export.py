@@ -1,7 +1,8 @@
 """Writing detections: COCO JSON for labeling tools, YOLO txt, Pascal VOC xml, annotated images.
 
-The COCO file is a *dataset* (images, categories from id 1, annotations with score) because that
-is what CVAT and Label Studio import; ``category_id`` 0 would be dropped by CVAT. Instance masks
+The COCO file is a *dataset* (images, categories, annotations with score) because that is what
+CVAT and Label Studio import; category ids come from the model's ``labels.LabelTable`` (never 0,
+which CVAT drops). Instance masks
 go out as polygons (``masks.mask_to_polygons``): Label Studio rejects RLE.
 """
 
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import supervision as sv
 
-from .classes import coco_supercategory
+from .labels import LabelTable
 from .masks import join_polygons, mask_area
 
 
@@ -37,28 +38,11 @@ def atomic_write_text(path: Path, text: str | bytes) -> None:
             os.unlink(tmp)
 
 
-def category_table(class_names: Sequence[str]) -> tuple[list[dict], dict[int, int]]:
-    """Model label names -> (COCO categories, label -> category id).
-
-    Models whose slot 0 is unnamed (the COCO convention of the published weights: label index =
-    COCO id) keep their ids; others number labels from 1. Unnamed slots get no category.
-    """
-    coco_style = len(class_names) > 1 and not class_names[0]
-    cats, mapping = [], {}
-    for label, name in enumerate(class_names):
-        if not name:
-            continue
-        cid = label if coco_style else label + 1
-        mapping[label] = cid
-        cats.append({"id": cid, "name": name, "supercategory": coco_supercategory(cid) if coco_style else "object"})
-    return cats, mapping
-
-
 class CocoWriter:
     """Accumulates images and detections; ``write`` dumps a valid COCO dataset at any time."""
 
-    def __init__(self, class_names: Sequence[str]) -> None:
-        self.categories, self.label_to_cat = category_table(class_names)
+    def __init__(self, labels: LabelTable) -> None:
+        self.labels = labels
         self.images: list[dict] = []
         self.annotations: list[dict] = []
 
@@ -73,7 +57,7 @@ class CocoWriter:
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
         for i, (xyxy, score, label) in enumerate(zip(dets.xyxy, dets.confidence, dets.class_id)):
-            cat = self.label_to_cat.get(int(label))
+            cat = self.labels.category_id(int(label))
             if cat is None:
                 continue
             x1, y1, x2, y2 = (float(v) for v in xyxy)
@@ -103,7 +87,7 @@ class CocoWriter:
             "info": info or {},
             "licenses": [],
             "images": self.images,
-            "categories": self.categories,
+            "categories": self.labels.coco_categories(),
             "annotations": self.annotations,
         }
 
@@ -111,9 +95,10 @@ class CocoWriter:
         atomic_write_text(path, json.dumps(self.to_dict(info)))
 
 
-def yolo_lines(dets: sv.Detections, width: int, height: int,
+def yolo_lines(dets: sv.Detections, width: int, height: int, labels: LabelTable,
                polygons: Sequence[list[list[float]]] | None = None) -> str:
-    """YOLO txt: ``class cx cy w h`` normalised, class = model label id.
+    """YOLO txt: ``class cx cy w h`` normalised, class = the category's contiguous YOLO index
+    (``Category.yolo``); detections in unnamed slots are left out.
 
     With ``polygons`` (per detection, as for ``CocoWriter.add``): YOLO segmentation lines
     ``class x1 y1 x2 y2 ...`` normalised, one ring per instance (parts joined by zero-width cuts,
@@ -122,19 +107,23 @@ def yolo_lines(dets: sv.Detections, width: int, height: int,
     """
     rows = []
     for i, ((x1, y1, x2, y2), label) in enumerate(zip(dets.xyxy, dets.class_id)):
+        cat = labels.get(int(label))
+        if cat is None:
+            continue
         if polygons is not None:
             ring = join_polygons(polygons[i]) or [x1, y1, x2, y1, x2, y2, x1, y2]
             xy = " ".join(f"{v / (width if k % 2 == 0 else height):.6f}" for k, v in enumerate(ring))
-            rows.append(f"{int(label)} {xy}")
+            rows.append(f"{cat.yolo} {xy}")
             continue
         cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
         w, h = (x2 - x1) / width, (y2 - y1) / height
-        rows.append(f"{int(label)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        rows.append(f"{cat.yolo} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
     return "\n".join(rows) + ("\n" if rows else "")
 
 
-def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, class_names: Sequence[str]) -> str:
-    """Pascal VOC annotation; pixel coordinates are 1-based inclusive as in the devkit."""
+def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, labels: LabelTable) -> str:
+    """Pascal VOC annotation, ``<name>`` = the category name; pixel coordinates are 1-based
+    inclusive as in the devkit. Detections in unnamed slots are left out."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "images"
     ET.SubElement(root, "filename").text = file_name
@@ -143,9 +132,11 @@ def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, class_
         ET.SubElement(size, tag).text = str(v)
     ET.SubElement(root, "segmented").text = "0"
     for (x1, y1, x2, y2), label, score in zip(dets.xyxy, dets.class_id, dets.confidence):
+        cat = labels.get(int(label))
+        if cat is None:
+            continue
         obj = ET.SubElement(root, "object")
-        label = int(label)
-        ET.SubElement(obj, "name").text = class_names[label] if label < len(class_names) and class_names[label] else str(label)
+        ET.SubElement(obj, "name").text = cat.name
         ET.SubElement(obj, "pose").text = "Unspecified"
         ET.SubElement(obj, "truncated").text = "0"
         ET.SubElement(obj, "difficult").text = "0"
@@ -163,8 +154,8 @@ class Annotator:
     """Boxes with class names and scores (and track ids when present) drawn with supervision;
     instance masks, when the detections carry them, filled translucent under the boxes."""
 
-    def __init__(self, class_names: Sequence[str]) -> None:
-        self.class_names = list(class_names)
+    def __init__(self, labels: LabelTable) -> None:
+        self.table = labels
         self.mask = sv.MaskAnnotator(opacity=0.45)
         self.box = sv.BoxAnnotator(thickness=2)
         self.label = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
@@ -172,8 +163,7 @@ class Annotator:
     def labels(self, dets: sv.Detections) -> list[str]:
         out = []
         for i, (label, score) in enumerate(zip(dets.class_id, dets.confidence)):
-            label = int(label)
-            name = self.class_names[label] if label < len(self.class_names) and self.class_names[label] else str(label)
+            name = self.table.name(int(label))
             tid = f"#{int(dets.tracker_id[i])} " if dets.tracker_id is not None else ""
             out.append(f"{tid}{name} {float(score):.2f}")
         return out

@@ -58,6 +58,7 @@ from .detector import postprocess
 from .export import atomic_write_text as atomic_write  # one atomic writer for the package
 from .export import next_run_dir as new_run_dir
 from .data import Dataset, DatasetError, Record, load_dataset
+from .labels import LabelTable
 from .losses import build_criterion
 from .model import DeformableDETR, build_model
 from .transforms import pad_batch, to_tensor, train_transforms, val_transforms
@@ -301,16 +302,18 @@ def resolve_model_path(model: str | None) -> Path:
         raise FinetuneError(f"cannot fetch model {model or 'default'!r} ({e}); pass a weights path or --scratch") from None
 
 
-def starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
-    """The model to fine-tune and a line saying where it came from.
+def starting_model(labels: LabelTable, opts: FinetuneOptions) -> tuple[DeformableDETR, str]:
+    """The model to fine-tune (on a dataset whose label table is ``labels``) and a line saying
+    where it came from.
 
     From pretrained weights everything is kept; the class heads are re-initialised when the
-    dataset's class names (in order) differ from the checkpoint's. The config records
-    ``imgsz`` (the default input size of the fine-tuned model downstream).
+    dataset's class names (in order) differ from the checkpoint's. The config records the
+    dataset's category ids (so pre-labels carry them) and ``imgsz`` (the default input size of
+    the fine-tuned model downstream).
     """
-    model, source = _starting_model(class_names, opts)
-    # Same architecture, only the recorded input size changes: safe to swap the config.
-    model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz)
+    model, source = _starting_model(labels.names, opts)
+    # Same architecture, only the recorded ids and input size change: safe to swap the config.
+    model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz, category_ids=[c.id for c in labels])
     return model, source
 
 
@@ -341,7 +344,7 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
         model = build_model(cfg)
         load_state_dict_strict(model, sd, source=str(path))
         return model, f"{path} ({layout}), all weights kept"
-    new_cfg = dataclasses.replace(cfg, num_classes=n, class_names=list(class_names))
+    new_cfg = dataclasses.replace(cfg, num_classes=n, class_names=list(class_names), category_ids=[])
     model = build_model(new_cfg)
     own = model.state_dict()
     # Keep every tensor but the class heads, which take the fresh (prior-biased) init.
@@ -399,14 +402,15 @@ def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.d
 
     The same post-processing (top 100, no threshold) and COCOeval as ``ddetr eval``.
     """
-    from .evaluate import coco_metrics, dataset_category_ids, ground_truth, to_coco_results
+    from .evaluate import coco_metrics, ground_truth, to_coco_results
 
     was_training = model.training
     model.eval()
     ds = TrainSet(dataset.records, imgsz, seed=0, train=False)
     keys = [(i, 0) for i in range(len(ds))]
     loader = _loader(ds, [keys[j : j + batch] for j in range(0, len(keys), batch)], workers, device.type == "cuda")
-    label_to_cat = dict(enumerate(dataset_category_ids(dataset)))
+    # the model is trained on this dataset's classes in order: its table is the dataset's
+    label_to_cat = {c.label: c.id for c in dataset.labels}
     results: list[dict] = []
     for images, mask, targets in loader:
         out = model(images.to(device), mask.to(device))
@@ -520,7 +524,7 @@ class Trainer:
             load_state_dict_strict(self.model, state["model"], source="last.pt")
             self.model_source = f"resumed from {run_dir / 'last.pt'}"
         else:
-            self.model, self.model_source = starting_model(self.train_set.class_names, o)
+            self.model, self.model_source = starting_model(self.train_set.labels, o)
         self.model.to(device).train()
         self.cfg = self.model.cfg
         if self.cfg.masks:  # boxes only: DETR's mask head keeps its weights (no mask targets here)

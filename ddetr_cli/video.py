@@ -42,6 +42,7 @@ import supervision as sv  # noqa: E402
 
 from .export import Annotator  # noqa: E402
 from .masks import instance_polygons, require_masks  # noqa: E402
+from .labels import LabelTable  # noqa: E402
 from .sources import SourceError  # noqa: E402
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
@@ -51,7 +52,7 @@ MAX_BACKOFF_S = 30.0
 class DetectorLike(Protocol):
     """What the pipeline needs from a detector (``Detector`` or a test stub)."""
 
-    class_names: Sequence[str]
+    labels: LabelTable
 
     def predict_arrays(self, images: Sequence[np.ndarray], conf: float = ..., max_det: int = ...,
                        classes: Sequence[int] | None = ...) -> list[sv.Detections]: ...
@@ -371,19 +372,20 @@ class VideoWriter:
             self._cv = None
 
 
-def detections_to_records(dets: sv.Detections, class_names: Sequence[str],
+def detections_to_records(dets: sv.Detections, labels: LabelTable,
                           polygons: Sequence[list[list[float]]] | None = None) -> list[dict]:
-    """sv.Detections (N boxes) -> N dicts: box xyxy px, score, label, class, track_id (or None);
-    with ``polygons`` (per detection, ``masks.instance_polygons``) also ``segmentation``."""
+    """sv.Detections (N boxes) -> N dicts: box xyxy px, score, label (the model's index),
+    category_id and class (as predictions.json writes them), track_id (or None); with ``polygons``
+    (per detection, ``masks.instance_polygons``) also ``segmentation``."""
     out = []
     tids = dets.tracker_id
     for i in range(len(dets)):
         label = int(dets.class_id[i]) if dets.class_id is not None else -1
-        name = class_names[label] if 0 <= label < len(class_names) and class_names[label] else str(label)
+        cat = labels.get(label)
         tid = int(tids[i]) if tids is not None and int(tids[i]) >= 0 else None
         score = float(dets.confidence[i]) if dets.confidence is not None else 1.0
         rec = {"box": [round(float(v), 2) for v in dets.xyxy[i]], "score": round(score, 5), "label": label,
-               "class": name, "track_id": tid}
+               "category_id": cat.id if cat else None, "class": labels.name(label), "track_id": tid}
         if polygons is not None:
             rec["segmentation"] = polygons[i]
         out.append(rec)
@@ -690,8 +692,8 @@ class VideoPipeline:
                              log=self.log)
         infer = threading.Thread(target=self._infer_loop, args=(results,), name="ddetr-video-infer", daemon=True)
 
-        names = list(self.detector.class_names)
-        annotator = Annotator(names)
+        labels = self.detector.labels
+        annotator = Annotator(labels)
         tracker = Tracker(fps=out_fps) if self.track else None
         track_ids: set[int] = set()
         display: Display | None = None
@@ -735,7 +737,7 @@ class VideoPipeline:
                     h, w = frame.image.shape[:2]
                     rec: dict[str, Any] = {"frame": frame.index, "time": round(frame.time, 4), "width": w, "height": h,
                                            "detections": detections_to_records(
-                                               dets, names, instance_polygons(dets) if self.masks else None)}
+                                               dets, labels, instance_polygons(dets) if self.masks else None)}
                     if spec.live:
                         rec["wall"] = round(frame.wall, 3)
                     jsonl.write(rec)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .classes import coco_class_names
+from .labels import coco_class_names, is_placeholder
 from .config import ModelConfig
 from .model import build_model
 
@@ -180,7 +180,7 @@ def hub_class_names(cfg: dict) -> tuple[int, list[str]]:
     id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
     num_classes = cfg.get("num_labels") or (max(id2label) + 1 if id2label else 91)
     names = [id2label.get(i, "") for i in range(num_classes)]
-    return num_classes, ["" if n in ("N/A", f"LABEL_{i}") else n for i, n in enumerate(names)]
+    return num_classes, ["" if is_placeholder(n, i) else n for i, n in enumerate(names)]
 
 
 def config_from_hub(cfg: dict) -> ModelConfig:

@@ -19,6 +19,7 @@ import supervision as sv
 
 from coco_reference import cocoeval_stats
 from ddetr_cli import coco_data
+from ddetr_cli.labels import LabelTable
 from ddetr_cli.data import load_dataset
 from ddetr_cli.evaluate import METRIC_NAMES, EvalError, coco_metrics, evaluate, ground_truth
 
@@ -37,7 +38,7 @@ class GroundTruthDetector:
     """
 
     def __init__(self, dataset, class_names=CLASSES, shift=(0.0, 0.0), noise=None, empty=False, label_map=None):
-        self.class_names = list(class_names)
+        self.labels = LabelTable.from_names(list(class_names))
         self.by_image = {hashlib.md5(r.read().tobytes()).hexdigest(): r for r in dataset.records}
         self.shift, self.noise, self.empty = shift, noise, empty
         self.label_map = label_map or {i: i for i in range(len(dataset.class_names))}

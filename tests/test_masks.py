@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 from coco_reference import cocoeval_stats
 
 from ddetr_cli import synth
+from ddetr_cli.labels import LabelTable
 from ddetr_cli.data import load_dataset
 from ddetr_cli.detect import run_detect
 from ddetr_cli.evaluate import METRIC_NAMES, evaluate
@@ -133,7 +134,7 @@ class MaskStub:
     """Stands in for a ``Detector`` with a mask head: per image size, fixed boxes and masks."""
 
     def __init__(self, answers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], masks: bool = True) -> None:
-        self.class_names = NAMES
+        self.labels = LabelTable.from_names(NAMES)
         self.cfg = SimpleNamespace(masks=masks, variant="stub", class_names=NAMES, num_classes=len(NAMES))
         self.answers = answers
         self.with_masks = masks
@@ -322,7 +323,7 @@ class GroundTruthMasks:
 
     def __init__(self, gt_file: Path, shift: int = 0) -> None:
         self.coco = COCO(str(gt_file))
-        self.class_names = NAMES
+        self.labels = LabelTable.from_names(NAMES)
         self.cfg = SimpleNamespace(masks=True, class_names=NAMES, num_classes=len(NAMES))
         self.shift = shift
         self.rng = np.random.default_rng(0)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from ddetr_cli import synth
 from ddetr_cli.cli import app
+from ddetr_cli.labels import LabelTable
 from ddetr_cli.config import ModelConfig
 from ddetr_cli.model import DeformableDETR
 from ddetr_cli.sources import SourceError
@@ -37,7 +38,7 @@ class StubDetector:
     """Fast stand-in for ``Detector``: one box per frame, and remembers each frame's mean value
     (the stream test encodes which segment a frame came from in its brightness)."""
 
-    class_names = NAMES
+    labels = LabelTable.from_names(NAMES)
 
     def __init__(self) -> None:
         self.means: list[float] = []
