@@ -33,9 +33,9 @@ def make_folder(folder: Path, n: int, size: tuple[int, int]) -> None:
 
 
 def build(kind: str, root: Path) -> Path:
-    from ddetr_cli.config import ModelConfig
-    from ddetr_cli.model import DeformableDETR
-    from ddetr_cli.weights import save_model
+    from ddetr_cli.models.config import ModelConfig
+    from ddetr_cli.models.deformable_detr import DeformableDETR
+    from ddetr_cli.weights.load import save_model
 
     torch.manual_seed(0)
     if kind == "small":
@@ -56,8 +56,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from ddetr_cli.detect import run_detect
-    from ddetr_cli.detector import Detector, read_image
+    from ddetr_cli.engine.detect import run_detect
+    from ddetr_cli.data.images import read_image
+    from ddetr_cli.engine.predictor import Detector
 
     w, h = map(int, args.size.split("x"))
     rows = []

@@ -68,8 +68,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = ap.parse_args()
 
-    from ddetr_cli.op import backend_info
-    from ddetr_cli.weights import load_model
+    from ddetr_cli.ops.msda import backend_info
+    from ddetr_cli.weights.load import load_model
 
     import tempfile
 
@@ -87,8 +87,8 @@ def main() -> None:
             save_hub(hf, d)
             ours = load_model(d)
     else:
-        from ddetr_cli.config import ModelConfig
-        from ddetr_cli.model import build_model
+        from ddetr_cli.models.config import ModelConfig
+        from ddetr_cli.models.build import build_model
 
         ours = build_model(ModelConfig.from_variant(args.variant, num_classes=91))
     ours.optimize_for_inference()  # what Detector does

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ddetr_cli import op
+from ddetr_cli.ops import msda as op
 
 LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 

@@ -21,11 +21,11 @@ import cv2
 import numpy as np
 import torch
 
-from ddetr_cli import synth
-from ddetr_cli.config import ModelConfig
-from ddetr_cli.detector import Detector
-from ddetr_cli.model import DeformableDETR
-from ddetr_cli.video import run_video
+from ddetr_cli.data import synth
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.engine.predictor import Detector
+from ddetr_cli.models.deformable_detr import DeformableDETR
+from ddetr_cli.engine.video import run_video
 
 
 def tiny_detector(imgsz: int, device: str) -> Detector:

@@ -35,7 +35,7 @@ try:
     import transformers; print('transformers', transformers.__version__)
 except ImportError:
     print('transformers: not installed')
-from ddetr_cli.op import backend_info
+from ddetr_cli.ops.msda import backend_info
 info = backend_info(); print(json.dumps(info))
 assert info['cuda_kernels'], 'the CUDA kernels did not build'
 "

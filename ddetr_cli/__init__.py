@@ -15,19 +15,19 @@ __all__ = ["Detector", "DeformableDETR", "ModelConfig", "load_model", "save_mode
 
 def __getattr__(name: str):
     if name == "Detector":
-        from .detector import Detector
+        from ddetr_cli.engine.predictor import Detector
 
         return Detector
     if name == "DeformableDETR":
-        from .model import DeformableDETR
+        from ddetr_cli.models.deformable_detr import DeformableDETR
 
         return DeformableDETR
     if name == "ModelConfig":
-        from .config import ModelConfig
+        from ddetr_cli.models.config import ModelConfig
 
         return ModelConfig
     if name in ("load_model", "save_model"):
-        from . import weights
+        from ddetr_cli.weights import load
 
-        return getattr(weights, name)
+        return getattr(load, name)
     raise AttributeError(name)

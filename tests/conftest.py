@@ -12,7 +12,7 @@ TINY_CLASSES = ["circle", "square", "triangle", "cross", "ring"]
 
 
 def tiny_config(**kw):
-    from ddetr_cli.config import ModelConfig
+    from ddetr_cli.models.config import ModelConfig
 
     base = dict(
         num_classes=5, class_names=TINY_CLASSES, backbone_depth=18, d_model=64, nheads=4,
@@ -25,8 +25,8 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A randomly initialised small multi-scale model saved in the project's own format."""
-    from ddetr_cli.model import DeformableDETR
-    from ddetr_cli.weights import save_model
+    from ddetr_cli.models.deformable_detr import DeformableDETR
+    from ddetr_cli.weights.load import save_model
 
     torch.manual_seed(0)
     model = DeformableDETR(tiny_config())

@@ -13,7 +13,7 @@ work="${1:-/tmp/ddetr-demo}"
 seed=2026
 mkdir -p "$work"
 if [ ! -f "$work/data/coco/train/_annotations.coco.json" ]; then
-  python -m ddetr_cli.synth dataset "$work/data" --train 3000 --val 200 --test 300 --seed "$seed" --formats coco
+  python -m ddetr_cli.data.synth dataset "$work/data" --train 3000 --val 200 --test 300 --seed "$seed" --formats coco
 fi
 args=(--scratch --variant box-refine
       --arch backbone_depth=18 --arch backbone_width=32 --arch d_model=128 --arch nheads=8

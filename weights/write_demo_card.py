@@ -23,7 +23,7 @@ def main() -> None:
     m = json.loads(out)["metrics"]
     rows = list(csv.DictReader(open(run / "results.csv")))
     args = json.loads((run / "args.json").read_text())
-    from ddetr_cli.weights import read_weights
+    from ddetr_cli.weights.load import read_weights
 
     cfg, sd, _ = read_weights(dst)
     params = sum(t.numel() for t in sd.values())
@@ -50,7 +50,7 @@ Classes: {", ".join(cfg.class_names)}. Default input size {cfg.imgsz} (short sid
 Measured by `ddetr eval` on the held-out test split ({n_test} synthetic images, never seen in
 training or validation). Regenerate that split and re-measure:
 
-    python -m ddetr_cli.synth dataset /tmp/heldout --train 0 --val 0 --test {n_test} --seed {seed} --formats coco
+    python -m ddetr_cli.data.synth dataset /tmp/heldout --train 0 --val 0 --test {n_test} --seed {seed} --formats coco
     ddetr eval /tmp/heldout/coco --split test --model demo
 
 ## Model
@@ -61,7 +61,7 @@ parameters, float32, {dst.stat().st_size / 1e6:.1f} MB.
 
 ## Training
 `bash weights/train_demo.sh` (one command: data, training, evaluation, this card). Synthetic
-dataset: `python -m ddetr_cli.synth dataset DIR --train 3000 --val 200 --test {n_test} --seed {seed}`;
+dataset: `python -m ddetr_cli.data.synth dataset DIR --train 3000 --val 200 --test {n_test} --seed {seed}`;
 then `ddetr finetune` with: {" ".join(args.get("arch") or [])}, variant {args.get("variant")}, imgsz {args.get("imgsz")},
 batch {args.get("batch")}, lr {args.get("lr")} (backbone {args.get("lr_backbone")}) for {args.get("epochs")} epochs with a
 x0.1 drop after epoch {args.get("lr_drop")}, AdamW, grad clip

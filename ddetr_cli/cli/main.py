@@ -1,0 +1,666 @@
+"""The ``ddetr`` command line: a thin Typer layer over the Python API.
+
+Known failures (bad input, missing weights, unreadable data) print one red line and exit
+non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ddetr_cli import __version__
+
+app = typer.Typer(
+    name="ddetr",
+    help="Deformable DETR object detection: detect, video, finetune, eval.\n\n"
+    "Examples:\n\n"
+    "  ddetr detect photo.jpg --model demo\n\n"
+    "  ddetr weights list\n\n"
+    "  ddetr info",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+weights_app = typer.Typer(help="Manage named weights (bundled, hub, imported, finetuned).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """A failure the user can fix; shown as one line."""
+
+
+def fail(msg: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from ddetr_cli.data.images import ImageReadError
+    from ddetr_cli.weights.store import ModelNotAvailable
+    from ddetr_cli.data.sources import SourceError
+    from ddetr_cli.weights.load import WeightsError
+
+    errs: list[type[BaseException]] = [UserError, WeightsError, ModelNotAvailable, SourceError, ImageReadError, FileNotFoundError]
+    try:
+        from ddetr_cli.data.datasets import DatasetError
+
+        errs.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        out.print(f"ddetr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Versions, device, and which deformable-attention backend is in use and why.
+
+    Example: ddetr info --json
+    """
+    import torch
+
+    from ddetr_cli.models.fusion import fused_cpu_kernels
+    from ddetr_cli.ops.msda import backend_info
+
+    b = backend_info()
+    data = {
+        "ddetr": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "msda_backend": b.get("backend"),
+        "msda_reason": b.get("reason"),
+        "msda_cuda_kernels": b.get("cuda_kernels"),
+        "cpu_fused_kernels": fused_cpu_kernels(),
+    }
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in data.items():
+        t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+
+
+# -- detect -------------------------------------------------------------------------------------
+
+
+def _parse_formats(formats: list[str]) -> list[str]:
+    from ddetr_cli.engine.detect import FORMATS
+
+    fmts = []
+    for f in formats:
+        fmts += [x.strip().lower() for x in f.split(",") if x.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise UserError(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+    return fmts or ["coco"]
+
+
+def _load_detector(model, device: str, half: bool, imgsz, classes=None):
+    """Detector plus the label ids ``--classes`` names (None = all); bad values -> UserError."""
+    from ddetr_cli.engine.predictor import Detector
+
+    try:
+        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
+    except ValueError as e:
+        if isinstance(e, _known_errors()):
+            raise
+        raise UserError(str(e)) from None
+    if not classes:
+        return det, None
+    try:
+        return det, det.class_ids([c for item in classes for c in item.split(",") if c.strip()])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _require_masks(det, model) -> None:
+    from ddetr_cli.formats.masks import MasksUnavailable, require_masks
+
+    try:
+        require_masks(det, model)
+    except MasksUnavailable as e:
+        raise UserError(str(e)) from None
+
+
+@app.command()
+def detect(
+    sources: Annotated[list[str], typer.Argument(help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in predictions.json (repeat or comma-separate).")] = None,
+    max_det: Annotated[int, typer.Option("--max-det", help="Most detections per image.", min=1)] = 100,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
+    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc (repeat or comma-separate). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
+    save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+) -> None:
+    """Detect objects in images; write COCO JSON pre-labels (and YOLO/VOC) and annotated images.
+
+    Examples:
+
+      ddetr detect examples/images --model demo
+
+      ddetr detect 'photos/**/*.jpg' --conf 0.5 --format coco,yolo --out runs/labels
+
+      ddetr detect list.txt --classes person,car --json
+
+      ddetr detect photos --masks --model detr-resnet-50-panoptic --format coco,yolo
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ddetr_cli.engine.detect import run_detect
+    from ddetr_cli.files import next_run_dir
+
+    fmts = _parse_formats(formats)
+    det, class_ids = _load_detector(model, device, half, imgsz, classes)
+    if masks:
+        _require_masks(det, model)  # before a run folder is made
+    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/detect"))
+    progress = Progress(
+        TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet or as_json, transient=False,
+    )
+    started = [0.0]
+
+    with progress:
+        task = progress.add_task("detect", total=None, rate="-")
+
+        def on_total(n: int) -> None:
+            import time
+
+            started[0] = time.perf_counter()
+            progress.update(task, total=n)
+
+        def on_progress(done: int, total: int) -> None:
+            import time
+
+            dt = time.perf_counter() - started[0]
+            progress.update(task, completed=done, rate=f"{done / dt:.1f}" if dt > 0 else "-")
+
+        try:
+            res = run_detect(
+                det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
+                formats=fmts, save_images=save_images, masks=masks, recursive=recursive, workers=workers,
+                progress=on_progress, total_hint=on_total,
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/]: partial results in {run_dir}/predictions.json (marked incomplete)")
+            raise typer.Exit(130)
+
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    elif not quiet:
+        _detect_summary(res)
+    if res.images == 0:
+        fail(f"no image could be read ({len(res.skipped)} skipped)")
+
+
+def _detect_summary(res) -> None:
+    t = Table(title=f"ddetr detect: {res.images} images, {res.detections} detections", title_justify="left")
+    t.add_column("class")
+    t.add_column("detections", justify="right")
+    for name, n in res.per_class.most_common():
+        t.add_row(name, str(n))
+    if not res.per_class:
+        t.add_row("[dim](none)[/]", "0")
+    console.print(t)
+    console.print(f"time {res.seconds:.2f} s, {res.throughput:.2f} img/s")
+    if res.skipped:
+        console.print(f"[yellow]skipped {len(res.skipped)}[/]:")
+        for s in res.skipped[:20]:
+            console.print(f"  {s['reason']}", highlight=False)
+        if len(res.skipped) > 20:
+            console.print(f"  ... and {len(res.skipped) - 20} more (see predictions.json info.skipped)")
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>7}: {path}", highlight=False)
+
+
+# -- video --------------------------------------------------------------------------------------
+
+
+@app.command()
+def video(
+    source: Annotated[str, typer.Argument(help="Video file, webcam (cam0, cam1 or 0), or rtsp:// rtmp:// http(s):// stream.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Live window with boxes, ids and FPS (q or Esc quits).")] = False,
+    save: Annotated[bool, typer.Option("--save", help="Write the annotated video (H.264 MP4) to the run folder.")] = False,
+    save_json: Annotated[bool, typer.Option("--save-json", help="Write one JSON line per processed frame (default when nothing else is asked for).")] = False,
+    track: Annotated[bool, typer.Option("--track", help="ByteTrack ids, stable across frames.")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever the model makes them.")] = False,
+    conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in predictions.json (repeat or comma-separate).")] = None,
+    max_det: Annotated[int, typer.Option("--max-det", help="Most detections per frame.", min=1)] = 100,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side frames are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    batch: Annotated[int, typer.Option(help="Consecutive frames per forward pass (files only).", min=1)] = 1,
+    vid_stride: Annotated[int, typer.Option("--vid-stride", help="Process every N-th frame of a file.", min=1)] = 1,
+    every_frame: Annotated[bool, typer.Option("--every-frame", help="Live sources: process every frame (may lag) instead of the newest one.")] = False,
+    reconnect: Annotated[bool, typer.Option("--reconnect/--no-reconnect", help="Reopen a dropped stream with exponential backoff.")] = True,
+    reconnect_timeout: Annotated[float, typer.Option("--reconnect-timeout", help="Give up after this many seconds without a frame.", min=0.0)] = 120.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/video/expN, never overwritten).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+) -> None:
+    """Detect (and track) objects in a video file, webcam or network stream.
+
+    Files are processed frame by frame; live sources always take the newest frame and count the
+    stale ones dropped. Ctrl-C stops cleanly: the video file stays playable (exit code 130).
+
+    Examples:
+
+      ddetr video clip.mp4 --save --save-json --batch 4
+
+      ddetr video cam0 --show --track
+
+      ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ddetr_cli.files import next_run_dir
+    from ddetr_cli.engine.video import VideoPipeline, VideoStats, parse_source
+
+    quiet = quiet or as_json
+    if not (show or save or save_json):
+        save_json = True
+    live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
+    det, class_ids = _load_detector(model, device, half, imgsz, classes)
+    if masks:
+        _require_masks(det, model)
+
+    def log(msg: str) -> None:
+        # drops, reconnects and a refused --show matter even in --quiet runs
+        console.print(f"[yellow]video:[/] {msg}", highlight=False, soft_wrap=True)
+
+    pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
+                   track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
+                   reconnect_timeout=reconnect_timeout, log=log)
+    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/video"))
+    columns = (
+        [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        if not live else [TextColumn("[bold]stream[/] {task.fields[status]}"), TimeElapsedColumn()]
+    )
+    progress = Progress(*columns, console=console, disable=quiet, transient=False)
+    task = progress.add_task("video", total=None, status="starting")
+    last = [0.0]
+
+    def on_progress(s: VideoStats) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 0.2 and (s.total is None or s.frames < s.total):
+            return  # redrawing per frame would cost more than a tiny model's frame
+        last[0] = now
+        if live:
+            status = f"{s.frames} frames, {s.fps:.1f} fps, dropped {s.dropped}, reconnects {s.reconnects}"
+        else:
+            status = f"{s.fps:.1f} fps"
+        progress.update(task, completed=s.frames, total=s.total, status=status)
+
+    pipe = VideoPipeline(det, source, run_dir, **pipe_kw, on_progress=on_progress)
+    with progress:
+        res = pipe.run(handle_signals=True)
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    elif not quiet:
+        _video_summary(res)
+    if res.error:
+        fail(res.error)
+    if res.stopped == "signal":
+        raise typer.Exit(130)
+
+
+def _video_summary(res) -> None:
+    extra = f", {res.tracks} tracks" if res.tracks else ""
+    console.print(
+        f"ddetr video: {res.frames} frames processed ({res.read} read, {res.dropped} dropped, {res.reconnects} reconnects), "
+        f"{res.detections} detections{extra}, {res.seconds:.1f} s, {res.fps:.2f} FPS"
+        + ("" if res.stopped in ("end", "error") else f" [yellow](stopped: {res.stopped})[/]"),
+        highlight=False,
+    )
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>7}: {path}", highlight=False)
+
+
+# -- eval ---------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With 'coco': a folder holding val2017/ and annotations/instances_val2017.json (default: download once into the cache).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split to score (val, test, train, ...).")] = "val",
+    conf: Annotated[float, typer.Option(help="Score threshold. Default none: the reference scores the top --max-det per image.", min=0.0, max=1.0)] = 0.0,
+    max_det: Annotated[int, typer.Option("--max-det", help="Detections kept per image (COCO scores at most 100).", min=1)] = 100,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/eval/expN, never overwritten).")] = None,
+    save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data.
+
+    Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json. Mask AP is
+    reported beside box AP when the dataset has segmentations and the model has a mask head.
+
+    Examples:
+
+      ddetr eval coco --model deformable-detr --batch 8
+
+      ddetr eval coco --data /datasets/coco --max-images 500
+
+      ddetr eval ./mydata --model runs/finetune/exp/weights/best.safetensors --json
+    """
+    from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
+    from ddetr_cli.data.datasets import load_dataset
+    from ddetr_cli.engine.predictor import Detector
+    from ddetr_cli.engine.evaluator import EvalError, evaluate
+    from ddetr_cli.files import next_run_dir
+
+    show = not (quiet or as_json)
+    try:
+        if dataset.lower() == "coco":
+            bars = _DownloadBars(show)
+            try:
+                root = ensure_val2017(data, progress=bars)
+            finally:
+                bars.close()
+            ds = load_dataset(root, split="val", format="coco")
+        else:
+            if data is not None:
+                raise UserError("--data goes with 'coco'; give your dataset folder as the argument instead")
+            ds = load_dataset(Path(dataset), split=split)
+        if show:
+            console.print(f"[bold]{ds.root}[/] ({ds.format}, {ds.split}): " + "; ".join(ds.report.summary()), highlight=False)
+        det = Detector.from_pretrained(model, device=device, half=half, imgsz=imgsz)
+    except (CocoUnavailable, ValueError) as e:
+        if isinstance(e, _known_errors()):
+            raise
+        raise UserError(str(e)) from None
+    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/eval"))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not show)
+    with progress:
+        task = progress.add_task("eval", total=min(len(ds), max_images or len(ds)))
+        try:
+            res = evaluate(det, ds, batch=batch, max_images=max_images, conf=conf, max_det=max_det, out_dir=run_dir,
+                           save_predictions=save_predictions,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except EvalError as e:
+            raise UserError(str(e)) from None
+    res.settings["model"] = model or "default"
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    elif not quiet:
+        _eval_summary(res)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+class _DownloadBars:
+    """One rich download bar per file; ``close`` stops any still drawn (also after a failure)."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.bars: dict[str, tuple] = {}
+
+    def __call__(self, name: str, done: int, total: Optional[int]) -> None:
+        if not self.show:
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        if name not in self.bars:
+            self.close()
+            p = Progress(TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                         TimeRemainingColumn(), console=console)
+            p.start()
+            self.bars[name] = (p, p.add_task(name, total=total, completed=done))
+        p, task = self.bars[name]
+        p.update(task, completed=done, total=total)
+
+    def close(self) -> None:
+        for p, _ in self.bars.values():
+            p.stop()
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _eval_summary(res) -> None:
+    from ddetr_cli.engine.evaluator import METRIC_HELP
+
+    ds = res.dataset
+    t = Table(title=f"ddetr eval: {res.images} images, {ds.get('boxes', 0)} boxes, {res.detections} detections",
+              title_justify="left")
+    t.add_column("metric")
+    masks = res.mask_metrics is not None
+    t.add_column("box" if masks else "value", justify="right")
+    if masks:
+        t.add_column("mask", justify="right")
+    t.add_column("", style="dim")
+    for k, v in res.metrics.items():
+        cells = [_fmt(v)] + ([_fmt(res.mask_metrics.get(k))] if masks else [])
+        t.add_row(f"[bold]{k}[/]" if k == "AP" else k, *cells, METRIC_HELP.get(k, ""))
+    console.print(t)
+    c = Table(title="per-class AP", title_justify="left")
+    cols = ["AP", "AP50", "AP75"] + (["mask_AP", "mask_AP50", "mask_AP75"] if masks else [])
+    c.add_column("class")
+    c.add_column("instances", justify="right")
+    for col in cols:
+        c.add_column(col.replace("_", " "), justify="right")
+    for r in sorted(res.per_class, key=lambda r: -(r["AP"] if r["AP"] is not None else -1)):
+        name = r["class"] if r.get("in_model", True) else f"{r['class']} [dim](not in model)[/]"
+        c.add_row(name, str(r["instances"]), *(_fmt(r.get(col)) for col in cols))
+    console.print(c)
+    s = res.speed
+    console.print(f"speed per image: decode {s['decode_ms']:.1f} ms, preprocess {s['preprocess_ms']:.1f} ms, "
+                  f"model {s['inference_ms']:.1f} ms, postprocess {s['postprocess_ms']:.1f} ms; "
+                  f"{s['images_per_second']:.2f} img/s overall", highlight=False)
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>11}: {path}", highlight=False)
+
+
+# -- finetune -----------------------------------------------------------------------------------
+
+
+@app.command()
+def finetune(
+    data: Annotated[Optional[str], typer.Argument(help="Dataset folder (COCO, YOLO or Pascal VOC; detected).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
+    scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage, detr, detr-dc5.")] = None,
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128 vit_depth=4.")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="vit-small or vit-base: a new model on a ViT backbone (unless --model is a ViT one); resnet: the default.")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side of the training scale (default 800).", min=32)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option("--lr-backbone", help="Backbone learning rate (default lr/10).")] = None,
+    lr_drop: Annotated[Optional[int], typer.Option("--lr-drop", help="Epochs between x0.1 LR drops (default 80% of epochs).")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.", min=1)] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16 where supported).")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep EMA weights (used for val and best).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val mAP gain (0 = never).", min=0)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", min=0)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1)] = None,
+    save_period: Annotated[Optional[int], typer.Option("--save-period", help="Steps between resumable checkpoints.", min=0)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Parent folder of run folders (default runs/finetune).")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'latest' or a run folder (a larger --epochs/--max-steps extends it).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Less output.")] = False,
+) -> None:
+    """Fine-tune on your own labeled images; the best model is registered by name.
+
+    Examples:
+
+      ddetr finetune ./mydata --epochs 30 --name parts
+
+      ddetr finetune ./mydata --scratch --arch backbone_depth=18 --arch d_model=128 --imgsz 320
+
+      ddetr finetune ./mydata --backbone vit-small --backbone-weights vit_small_patch16_224.safetensors
+
+      ddetr finetune --resume latest
+
+      ddetr finetune --resume runs/finetune/exp --epochs 80   # train a finished run longer
+
+      torchrun --nproc-per-node 2 -m ddetr_cli finetune ./mydata --device cuda
+    """
+    from ddetr_cli.engine.trainer import finetune_command
+
+    code = finetune_command(
+        data, model=model, scratch=scratch, variant=variant, arch=arch, backbone=backbone,
+        backbone_weights=backbone_weights, format=fmt, epochs=epochs, batch=batch,
+        imgsz=imgsz, lr=lr, lr_backbone=lr_backbone, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
+        workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
+        out=out, resume=resume, quiet=quiet,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+@weights_app.command("list")
+def weights_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List named weights and whether they are available offline."""
+    from ddetr_cli.weights.store import list_models
+
+    entries = list_models()
+    if as_json:
+        out.print_json(json.dumps([{**e.__dict__, "available": bool(e.path) and Path(e.path).exists()} for e in entries]))
+        return
+    t = Table(title="ddetr weights")
+    for col in ("name", "source", "available", "description"):
+        t.add_column(col)
+    for e in entries:
+        avail = bool(e.path) and Path(e.path).exists()
+        t.add_row(e.name, e.source, "[green]yes[/]" if avail else "[dim]pull[/]", e.description)
+    out.print(t)
+
+
+@weights_app.command("pull")
+def weights_pull(name: Annotated[str, typer.Argument(help="A hub model name from `ddetr weights list`.")]) -> None:
+    """Download a hub model and convert it once to the project's format."""
+    from ddetr_cli.weights.store import pull
+
+    path = pull(name)
+    out.print(f"{name}: {path}")
+
+
+@weights_app.command("import")
+def weights_import(
+    path: Annotated[Path, typer.Argument(help="Hub folder, official .pth, or .safetensors.")],
+    name: Annotated[Optional[str], typer.Option(help="Name to register (default: the file's stem).")] = None,
+) -> None:
+    """Convert a local weights file to the project's format and register it by name.
+
+    Example: ddetr weights import ./checkpoint0049.pth --name coco-r50
+    """
+    from ddetr_cli.files import home
+    from ddetr_cli.weights.store import register
+    from ddetr_cli.weights.load import detect_layout, load_model, save_model
+
+    layout = detect_layout(path)
+    model = load_model(path)
+    name = name or Path(path).stem.replace(".safetensors", "")
+    dst = save_model(model, home() / "models" / f"{name}.safetensors", extra_meta={"source": f"import:{layout}"})
+    register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout")
+    out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
+
+
+@weights_app.command("rm")
+def weights_rm(name: str) -> None:
+    """Forget a registered name (and delete its converted file in the ddetr cache)."""
+    from ddetr_cli.files import home
+    from ddetr_cli.weights.store import unregister
+
+    entry = unregister(name)
+    p = Path(entry.path)
+    if p.is_file() and home() in p.parents:
+        p.unlink()
+    out.print(f"removed {name}")
+
+
+@weights_app.command("info")
+def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights path.")]) -> None:
+    """Show a model's variant, size and classes."""
+    from ddetr_cli.weights.store import resolve
+    from ddetr_cli.weights.load import read_weights
+
+    path = resolve(name)
+    cfg, sd, layout = read_weights(path)
+    n_params = sum(t.numel() for t in sd.values())
+    t = Table(show_header=False, box=None)
+    for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
+                 ("backbone", cfg.backbone_label), ("d_model", cfg.d_model),
+                 ("queries", cfg.num_queries), ("classes", cfg.num_classes),
+                 ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-")]:
+        t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+
+
+def main() -> None:
+    """Console entry point: Typer handles usage errors and exits; known failures become one line."""
+    try:
+        app()
+    except _known_errors() as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Input data: datasets (COCO / YOLO / VOC folders), training transforms, image and stream
+sources, the synthetic generator and the COCO val download."""

@@ -1,0 +1,532 @@
+"""Deterministic synthetic detection data: images, a video clip and datasets in COCO, YOLO and VOC.
+
+Five classes of flat shapes (``CLASS_NAMES``), each with its own hue range, are drawn with OpenCV
+over textured backgrounds (smooth noise, gradients, stripes). Objects vary in scale and may
+occlude each other; every box is the tight box of the *visible* pixels of its shape, and objects
+less than ``MIN_VISIBLE`` visible are left out of the annotations. The COCO files also hold each
+object's visible pixels as ``segmentation`` polygons (``masks.mask_to_polygons``) with ``area``
+their pixel count; YOLO and VOC hold boxes only.
+
+Boxes use the pixel-edge convention: a shape covering columns ``a..b`` has ``x1 = a``, ``x2 = b + 1``.
+
+Regenerate the committed ``examples/`` folder with::
+
+    python -m ddetr_cli.data.synth examples
+
+and write a bigger dataset with, e.g.::
+
+    python -m ddetr_cli.data.synth dataset /tmp/shapes --train 400 --val 100 --test 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import cv2
+import numpy as np
+
+from ddetr_cli.formats.masks import mask_area, mask_to_polygons
+
+CLASS_NAMES: list[str] = ["circle", "square", "triangle", "cross", "ring"]
+
+# OpenCV hue ranges (0..180) per class, in CLASS_NAMES order: red, green, blue, yellow, magenta.
+_HUE_RANGES: list[tuple[int, int]] = [(0, 8), (48, 72), (102, 124), (22, 32), (140, 162)]
+
+MIN_VISIBLE = 0.3  # objects less visible than this are not annotated
+_PLACE_VISIBLE = 0.5  # placement keeps every earlier object at least this visible
+_JPEG_QUALITY = 90
+_SPLIT_DIRS = {  # split -> folder name per format
+    "train": {"coco": "train", "yolo": "train", "voc": "train"},
+    "val": {"coco": "valid", "yolo": "val", "voc": "val"},
+    "test": {"coco": "test", "yolo": "test", "voc": "test"},
+}
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+FORMATS = ("coco", "yolo", "voc")
+
+
+@dataclass
+class _Shape:
+    """One object: class index, centre (px), radius (px), rotation (deg), aspect and BGR colour."""
+
+    label: int
+    cx: float
+    cy: float
+    r: float
+    angle: float
+    aspect: float
+    color: tuple[int, int, int]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _rotated(points: np.ndarray, cx: float, cy: float, angle_deg: float) -> np.ndarray:
+    """Rotate (N, 2) points about the origin, move them to (cx, cy); return (N, 2) int32."""
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    out = points @ rot.T + np.array([cx, cy])
+    return np.round(out).astype(np.int32)
+
+
+def _shape_mask(shape: _Shape, width: int, height: int) -> np.ndarray:
+    """Rasterise one shape; returns a (H, W) bool mask."""
+    mask = np.zeros((height, width), np.uint8)
+    name = CLASS_NAMES[shape.label]
+    r, c = shape.r, (int(round(shape.cx)), int(round(shape.cy)))
+    if name == "circle":
+        cv2.circle(mask, c, int(round(r)), 1, -1)
+    elif name == "square":
+        s = 0.8 * r
+        pts = np.array([[-s, -s], [s, -s], [s, s], [-s, s]])
+        cv2.fillPoly(mask, [_rotated(pts, shape.cx, shape.cy, shape.angle)], 1)
+    elif name == "triangle":
+        t = np.deg2rad(np.array([-90.0, 30.0, 150.0]))
+        pts = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+        cv2.fillPoly(mask, [_rotated(pts, shape.cx, shape.cy, shape.angle)], 1)
+    elif name == "cross":
+        w = 0.3 * r
+        pts = np.array([[-w, -r], [w, -r], [w, -w], [r, -w], [r, w], [w, w],
+                        [w, r], [-w, r], [-w, w], [-r, w], [-r, -w], [-w, -w]])
+        cv2.fillPoly(mask, [_rotated(pts, shape.cx, shape.cy, shape.angle)], 1)
+    elif name == "ring":
+        t = max(2, int(round(0.3 * r)))
+        axes = (max(1, int(round(r - t / 2))), max(1, int(round((r - t / 2) * shape.aspect))))
+        cv2.ellipse(mask, c, axes, shape.angle, 0, 360, 1, thickness=t)
+    else:  # pragma: no cover - CLASS_NAMES and this function go together
+        raise ValueError(f"unknown shape {name!r}")
+    return mask.astype(bool)
+
+
+def _random_color(rng: np.random.Generator, label: int) -> tuple[int, int, int]:
+    """A saturated BGR colour whose hue lies in the class's range."""
+    lo, hi = _HUE_RANGES[label]
+    hsv = np.array([[[rng.integers(lo, hi + 1) % 180, rng.integers(150, 256),
+                      rng.integers(140, 256)]]], np.uint8)
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A low-saturation textured background: (H, W, 3) float32 BGR in 0..255."""
+    kind = rng.integers(0, 3)
+    base = rng.uniform(60, 200) + rng.uniform(-25, 25, size=3)
+    other = rng.uniform(40, 220) + rng.uniform(-25, 25, size=3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == 0:  # smooth noise blobs
+        cell = int(rng.integers(12, 48))
+        small = rng.random((height // cell + 2, width // cell + 2, 3)).astype(np.float32)
+        noise = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        img = base + (noise - 0.5) * rng.uniform(40, 110)
+    elif kind == 1:  # linear gradient between two colours
+        a = rng.uniform(0, 2 * np.pi)
+        t = xx * np.cos(a) + yy * np.sin(a)
+        t = (t - t.min()) / max(float(np.ptp(t)), 1.0)
+        img = base + t[..., None] * (other - base)
+    else:  # stripes
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(8, 40)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / period)
+        img = base + t[..., None] * (other - base) * rng.uniform(0.3, 0.8)
+    return img.astype(np.float32)
+
+
+def _paint(canvas: np.ndarray, mask: np.ndarray, shape: _Shape, rng: np.random.Generator) -> None:
+    """Fill `mask` of the (H, W, 3) float32 canvas with the shape's colour, shading and grain."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return
+    a = rng.uniform(0, 2 * np.pi)
+    d = ((xs - shape.cx) * np.cos(a) + (ys - shape.cy) * np.sin(a)) / max(shape.r, 1.0)
+    shade = 1.0 + 0.18 * d
+    color = np.array(shape.color, np.float32)
+    grain = rng.normal(0, 6, size=(len(xs), 3))
+    canvas[ys, xs] = color[None, :] * shade[:, None] + grain
+
+
+def _owners(masks: list[np.ndarray]) -> np.ndarray:
+    """Stack objects in order (later on top): (H, W) int32 index of the object seen at each pixel, -1 none."""
+    owner = np.full(masks[0].shape, -1, np.int32)
+    for i, m in enumerate(masks):
+        owner[m] = i
+    return owner
+
+
+def _visible_boxes(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack objects in order (later on top); return (K, 4) int xyxy boxes and (K,) visible ratios."""
+    if not masks:
+        return np.zeros((0, 4), np.int64), np.zeros((0,), np.float64)
+    owner = _owners(masks)
+    boxes, ratios = [], []
+    for i, m in enumerate(masks):
+        vis = owner == i
+        area = int(m.sum())
+        n_vis = int(vis.sum())
+        ratios.append(n_vis / area if area else 0.0)
+        if n_vis == 0:
+            boxes.append((0, 0, 0, 0))
+            continue
+        ys, xs = np.nonzero(vis)
+        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return np.array(boxes, np.int64), np.array(ratios)
+
+
+def _random_shape(rng: np.random.Generator, width: int, height: int, label: int | None = None,
+                  r: float | None = None) -> _Shape:
+    """A random shape that lies fully inside a (width, height) frame."""
+    side = min(width, height)
+    label = int(rng.integers(0, len(CLASS_NAMES))) if label is None else label
+    if r is None:  # log-uniform scale, small to large
+        r = float(np.exp(rng.uniform(np.log(0.04 * side), np.log(0.28 * side))))
+    r = max(r, 6.0)
+    cx = rng.uniform(r + 1, width - r - 2)
+    cy = rng.uniform(r + 1, height - r - 2)
+    return _Shape(label=label, cx=cx, cy=cy, r=r, angle=float(rng.uniform(0, 360)),
+                  aspect=float(rng.uniform(0.6, 1.0)), color=_random_color(rng, label))
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int,
+                 n_objects: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one random scene.
+
+    Returns:
+        image: (H, W, 3) uint8 BGR.
+        boxes: (K, 4) float32 xyxy in pixels (edge convention), visible part only.
+        labels: (K,) int64 indices into CLASS_NAMES.
+    """
+    image, boxes, labels, _ = render_scene_masks(rng, width, height, n_objects)
+    return image, boxes, labels
+
+
+def render_scene_masks(rng: np.random.Generator, width: int, height: int,
+                       n_objects: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``render_scene`` plus masks: (K, H, W) bool, the visible pixels of each annotated object
+    (the pixels its box is the tight box of). Same random draws, so the same scene."""
+    n = int(rng.integers(1, 9)) if n_objects is None else n_objects
+    shapes: list[_Shape] = []
+    masks: list[np.ndarray] = []
+    for _ in range(n):
+        for _try in range(20):  # rejection: do not bury earlier objects
+            s = _random_shape(rng, width, height)
+            m = _shape_mask(s, width, height)
+            _, ratios = _visible_boxes(masks + [m])
+            if ratios.min() >= _PLACE_VISIBLE:
+                shapes.append(s)
+                masks.append(m)
+                break
+    canvas = _background(rng, width, height)
+    for s, m in zip(shapes, masks):
+        _paint(canvas, m, s, rng)
+    canvas += rng.normal(0, 4, size=canvas.shape).astype(np.float32)
+    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+    boxes, ratios = _visible_boxes(masks)
+    keep = ratios >= MIN_VISIBLE
+    labels = np.array([s.label for s in shapes], np.int64)
+    owner = _owners(masks) if masks else np.full((height, width), -1, np.int32)
+    visible = np.stack([owner == i for i in np.flatnonzero(keep)]) if keep.any() else np.zeros((0, height, width), bool)
+    return image, boxes[keep].astype(np.float32), labels[keep], visible
+
+
+def _encode_jpeg(image: np.ndarray) -> bytes:
+    """Encode a (H, W, 3) uint8 BGR image as JPEG with a fixed quality."""
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:  # pragma: no cover
+        raise RuntimeError("OpenCV could not encode a JPEG")
+    return buf.tobytes()
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _coco_dict(items: list[dict]) -> dict:
+    """COCO ground truth for one split (categories from id 1, in CLASS_NAMES order)."""
+    images, annotations = [], []
+    for image_id, it in enumerate(items, start=1):
+        images.append({"id": image_id, "file_name": it["file_name"],
+                       "width": it["width"], "height": it["height"]})
+        for box, label, mask in zip(it["boxes"], it["labels"], it["masks"]):
+            x1, y1, x2, y2 = (int(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": mask_area(mask),
+                "iscrowd": 0, "segmentation": mask_to_polygons(mask),
+            })
+    return {
+        "info": {"description": "ddetr synthetic shapes", "version": "1.0"},
+        "licenses": [],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                       for i, n in enumerate(CLASS_NAMES)],
+        "images": images,
+        "annotations": annotations,
+    }
+
+
+def _dump_coco(data: dict) -> str:
+    """COCO JSON with one image / annotation / category per line: readable and diff-friendly,
+    without spending a line on every polygon coordinate."""
+    parts = []
+    for key, value in data.items():
+        if isinstance(value, list) and value:
+            rows = ",\n".join("  " + json.dumps(v) for v in value)
+            parts.append(f" {json.dumps(key)}: [\n{rows}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _yolo_lines(it: dict) -> str:
+    """YOLO label text for one image: 'class cx cy w h' per line, normalised."""
+    w, h = it["width"], it["height"]
+    lines = []
+    for (x1, y1, x2, y2), label in zip(it["boxes"], it["labels"]):
+        lines.append(f"{int(label)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+                     f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _voc_xml(it: dict) -> str:
+    """Pascal VOC XML for one image (devkit convention: xmin/ymin 1-based, xmax/ymax = far edge)."""
+    objs = []
+    for (x1, y1, x2, y2), label in zip(it["boxes"], it["labels"]):
+        objs.append(
+            "  <object>\n"
+            f"    <name>{escape(CLASS_NAMES[int(label)])}</name>\n"
+            "    <pose>Unspecified</pose>\n    <truncated>0</truncated>\n"
+            "    <difficult>0</difficult>\n"
+            "    <bndbox>\n"
+            f"      <xmin>{int(x1) + 1}</xmin>\n      <ymin>{int(y1) + 1}</ymin>\n"
+            f"      <xmax>{int(x2)}</xmax>\n      <ymax>{int(y2)}</ymax>\n"
+            "    </bndbox>\n  </object>\n")
+    return ("<annotation>\n  <folder>JPEGImages</folder>\n"
+            f"  <filename>{escape(it['file_name'])}</filename>\n"
+            "  <source><database>ddetr synthetic shapes</database></source>\n"
+            f"  <size>\n    <width>{it['width']}</width>\n    <height>{it['height']}</height>\n"
+            "    <depth>3</depth>\n  </size>\n  <segmented>0</segmented>\n"
+            + "".join(objs) + "</annotation>\n")
+
+
+def _yolo_yaml(splits: list[str]) -> str:
+    """data.yaml text; train/val/test folders are relative to the yaml's own folder."""
+    lines = ["# Synthetic shapes written by ddetr_cli.data.synth.",
+             "# No 'path' key on purpose: tools then resolve the split folders relative to",
+             "# this file's folder ('path: .' would mean the current directory to ultralytics).",
+             "train: images/train",
+             "val: images/val"]
+    lines.append("test: images/test" if "test" in splits else "test:")
+    lines.append(f"nc: {len(CLASS_NAMES)}")
+    lines.append("names:")
+    lines += [f"  - {n}" for n in CLASS_NAMES]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.write_bytes(data)
+
+
+def generate(out: Path, *, n_train: int, n_val: int, n_test: int = 0,
+             size: tuple[int, int] = (320, 240), seed: int = 0,
+             formats: tuple[str, ...] | list[str] = FORMATS) -> dict:
+    """Write a synthetic dataset in COCO (roboflow layout), YOLO and/or Pascal VOC under `out`.
+
+    Every format holds the same images (file names ``<split>_<index>.jpg``) and boxes.
+    Image ``i`` of a split depends only on (seed, split, i), so growing ``n_train`` keeps the
+    first images unchanged. `size` is (width, height).
+
+    Returns a summary: {"root", "formats", "splits": {split: n_images}, "boxes": n_boxes,
+    "paths": {format: folder}}.
+    """
+    out = Path(out)
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {unknown}; expected some of {list(FORMATS)}")
+    width, height = size
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    splits = [s for s in ("train", "val", "test") if counts[s] > 0]
+    n_boxes = 0
+    for split in splits:
+        items = []
+        for i in range(counts[split]):
+            rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
+            image, boxes, labels, masks = render_scene_masks(rng, width, height)
+            items.append({"file_name": f"{split}_{i:05d}.jpg", "width": width, "height": height,
+                          "boxes": boxes, "labels": labels, "masks": masks, "jpeg": _encode_jpeg(image)})
+            n_boxes += len(boxes)
+        if "coco" in formats:
+            d = out / "coco" / _SPLIT_DIRS[split]["coco"]
+            for it in items:
+                _write(d / it["file_name"], it["jpeg"])
+            _write(d / "_annotations.coco.json", _dump_coco(_coco_dict(items)))
+        if "yolo" in formats:
+            d = out / "yolo"
+            for it in items:
+                _write(d / "images" / split / it["file_name"], it["jpeg"])
+                _write(d / "labels" / split / (Path(it["file_name"]).stem + ".txt"),
+                       _yolo_lines(it))
+        if "voc" in formats:
+            d = out / "voc"
+            for it in items:
+                _write(d / "JPEGImages" / it["file_name"], it["jpeg"])
+                _write(d / "Annotations" / (Path(it["file_name"]).stem + ".xml"), _voc_xml(it))
+            ids = "".join(Path(it["file_name"]).stem + "\n" for it in items)
+            _write(d / "ImageSets" / "Main" / f"{split}.txt", ids)
+    if "yolo" in formats:
+        _write(out / "yolo" / "data.yaml", _yolo_yaml(splits))
+    if "voc" in formats:  # VOC has no class list of its own; keep the class order explicit
+        _write(out / "voc" / "labels.txt", "".join(n + "\n" for n in CLASS_NAMES))
+    return {"root": str(out), "formats": list(formats),
+            "splits": {s: counts[s] for s in splits}, "boxes": n_boxes,
+            "paths": {f: str(out / f) for f in formats}}
+
+
+# --------------------------------------------------------------------------- video
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> str:
+    """Write (H, W, 3) uint8 BGR frames as H.264 MP4 with PyAV, else mp4v with OpenCV.
+
+    Returns the codec used ("h264" or "mp4v").
+    """
+    height, width = frames[0].shape[:2]
+    try:
+        import av
+
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "23", "preset": "medium"}
+            for f in frames:
+                vf = av.VideoFrame.from_ndarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), format="rgb24")
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return "h264"
+    except Exception:  # PyAV missing or built without libx264: fall back to OpenCV
+        path.unlink(missing_ok=True)
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError(f"cannot open a video writer for {path}")
+        for f in frames:
+            writer.write(f)
+        writer.release()
+        return "mp4v"
+
+
+def make_clip(path: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240), fps: int = 15,
+              seed: int = 0) -> list[dict]:
+    """Write a clip of 2-5 shapes moving at constant velocity, fully inside the frame throughout.
+
+    `size` is (width, height); both should be even for yuv420p. Returns one dict per frame:
+    {"frame": int, "boxes": (K, 4) float32 xyxy px of the visible part, "labels": (K,) int64,
+    "ids": (K,) int64 object ids, stable across frames}. Objects less than ``MIN_VISIBLE`` visible
+    in a frame are absent from that frame's ground truth.
+    """
+    path = Path(path)
+    width, height = size
+    rng = np.random.default_rng([seed, 7])
+    n = int(rng.integers(2, 6))
+    side = min(width, height)
+    tracks = []
+    for k in range(n):
+        r = float(rng.uniform(0.07, 0.18) * side)
+        start = _random_shape(rng, width, height, label=k % len(CLASS_NAMES), r=r)
+        end = _random_shape(rng, width, height, label=start.label, r=r)
+        tracks.append((start, end))
+    background = _background(rng, width, height)
+    images, truth = [], []
+    for t in range(frames):
+        a = t / max(frames - 1, 1)
+        shapes = [_Shape(label=s.label, cx=s.cx + a * (e.cx - s.cx), cy=s.cy + a * (e.cy - s.cy),
+                         r=s.r, angle=s.angle, aspect=s.aspect, color=s.color) for s, e in tracks]
+        masks = [_shape_mask(s, width, height) for s in shapes]
+        canvas = background.copy()
+        frame_rng = np.random.default_rng([seed, 8, t])
+        for s, m in zip(shapes, masks):
+            _paint(canvas, m, s, frame_rng)
+        images.append(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
+        boxes, ratios = _visible_boxes(masks)
+        keep = ratios >= MIN_VISIBLE
+        truth.append({"frame": t, "boxes": boxes[keep].astype(np.float32),
+                      "labels": np.array([s.label for s in shapes], np.int64)[keep],
+                      "ids": np.arange(n, dtype=np.int64)[keep]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_video(path, images, fps)
+    return truth
+
+
+# --------------------------------------------------------------------------- examples + CLI
+
+_EXAMPLE_SIZES = [(320, 240), (640, 480), (480, 640), (640, 360), (416, 416), (800, 600)]
+
+
+def make_examples(root: Path, *, seed: int = 0) -> dict:
+    """Regenerate the examples folder under `root`.
+
+    Writes ``images/`` (six scenes of several sizes, with ``images/boxes.json``),
+    ``clip.mp4`` (3 s, 320x240, 15 fps) with ``clip.json`` (its per-frame ground truth) and
+    ``data/{coco,yolo,voc}`` (16 train + 8 val images at 320x240, the same in every format).
+    """
+    root = Path(root)
+    for sub in ("images", "data", "clip.mp4", "clip.json"):
+        p = root / sub
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    truth_images = {}
+    for i, (w, h) in enumerate(_EXAMPLE_SIZES):
+        rng = np.random.default_rng([seed, 100, i])
+        image, boxes, labels = render_scene(rng, w, h)
+        name = f"shapes_{i}_{w}x{h}.jpg"
+        _write(root / "images" / name, _encode_jpeg(image))
+        truth_images[name] = {"boxes": boxes.astype(int).tolist(),
+                              "labels": [CLASS_NAMES[k] for k in labels]}
+    _write(root / "images" / "boxes.json", json.dumps(truth_images, indent=1) + "\n")
+    clip = make_clip(root / "clip.mp4", frames=45, size=(320, 240), fps=15, seed=seed)
+    clip_json = {"fps": 15, "width": 320, "height": 240, "class_names": CLASS_NAMES,
+                 "frames": [{"frame": f["frame"], "boxes": f["boxes"].astype(int).tolist(),
+                             "labels": f["labels"].tolist(), "ids": f["ids"].tolist()}
+                            for f in clip]}
+    _write(root / "clip.json", json.dumps(clip_json) + "\n")
+    summary = generate(root / "data", n_train=16, n_val=8, size=(320, 240), seed=seed)
+    return {"images": len(_EXAMPLE_SIZES), "clip_frames": len(clip), "data": summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ddetr_cli.data.synth examples [--out DIR]` or `... dataset OUT --train N --val N`."""
+    parser = argparse.ArgumentParser(prog="python -m ddetr_cli.data.synth", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("examples", help="regenerate the repository's examples/ folder")
+    ex.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "examples")
+    ex.add_argument("--seed", type=int, default=0)
+    ds = sub.add_parser("dataset", help="write a synthetic dataset in COCO, YOLO and VOC")
+    ds.add_argument("out", type=Path)
+    ds.add_argument("--train", type=int, default=200)
+    ds.add_argument("--val", type=int, default=50)
+    ds.add_argument("--test", type=int, default=0)
+    ds.add_argument("--width", type=int, default=320)
+    ds.add_argument("--height", type=int, default=240)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--formats", default="coco,yolo,voc", help="comma-separated")
+    args = parser.parse_args(argv)
+    if args.command == "examples":
+        summary = make_examples(args.out, seed=args.seed)
+    else:
+        summary = generate(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
+                           size=(args.width, args.height), seed=args.seed,
+                           formats=[f.strip() for f in args.formats.split(",") if f.strip()])
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

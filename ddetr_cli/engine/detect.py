@@ -1,0 +1,197 @@
+"""``ddetr detect``: a folder (or list, glob, URLs) of images -> COCO JSON, YOLO/VOC, annotated images.
+
+Images are decoded in worker threads while the model runs on the previous batch; only a bounded
+window of decoded images is held, so memory stays flat on folders of any size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ddetr_cli.data.images import ImageReadError
+from ddetr_cli.engine.predictor import Detector
+from ddetr_cli.files import atomic_write_text
+from ddetr_cli.formats.writers import Annotator, CocoWriter, voc_xml, write_image, yolo_lines
+from ddetr_cli.formats.masks import instance_polygons, require_masks
+from ddetr_cli.data.sources import expand_sources, load_source
+
+FORMATS = ("coco", "yolo", "voc")
+
+
+@dataclass
+class DetectResult:
+    out_dir: Path
+    images: int = 0
+    detections: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    incomplete: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir),
+            "images": self.images,
+            "detections": self.detections,
+            "per_class": dict(self.per_class.most_common()),
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.throughput, 3),
+            "incomplete": self.incomplete,
+            "outputs": self.outputs,
+        }
+
+
+def _unique(name: str, used: set[str]) -> str:
+    if name not in used:
+        used.add(name)
+        return name
+    stem, dot, ext = name.rpartition(".")
+    stem, ext = (stem, "." + ext) if dot else (name, "")
+    n = 2
+    while f"{stem}_{n}{ext}" in used:
+        n += 1
+    used.add(f"{stem}_{n}{ext}")
+    return f"{stem}_{n}{ext}"
+
+
+def run_detect(
+    detector: Detector,
+    sources: Sequence[str],
+    out_dir: Path,
+    *,
+    conf: float = 0.3,
+    max_det: int = 100,
+    classes: Sequence[int] | None = None,
+    batch: int = 1,
+    formats: Sequence[str] = ("coco",),
+    save_images: bool = True,
+    masks: bool = False,
+    recursive: bool = False,
+    workers: int = 4,
+    checkpoint_every: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+    total_hint: Callable[[int], None] | None = None,
+) -> DetectResult:
+    """Detect on every image the sources name; write outputs into ``out_dir``.
+
+    KeyboardInterrupt stops the run after writing a valid ``predictions.json`` marked
+    ``"incomplete": true``; the interrupt is then re-raised for the caller.
+
+    ``masks``: instance masks as COCO polygons in ``segmentation`` (and YOLO segmentation lines);
+    needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
+    written). Annotated images show masks whenever the detector returns them.
+    """
+    bad = set(formats) - set(FORMATS)
+    if bad:
+        raise ValueError(f"unknown format(s) {', '.join(sorted(bad))}; choose from {', '.join(FORMATS)}")
+    if masks:
+        require_masks(detector)
+    items = list(expand_sources(sources, recursive))  # names only: cheap even for 10,000 files
+    if total_hint:
+        total_hint(len(items))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = detector.labels
+    coco = CocoWriter(labels)
+    annot = Annotator(labels) if save_images else None
+    res = DetectResult(out_dir)
+    pred_path = out_dir / "predictions.json"
+    res.outputs["coco"] = str(pred_path)
+    if save_images:
+        res.outputs["images"] = str(out_dir / "annotated")
+    if "yolo" in formats:
+        res.outputs["yolo"] = str(out_dir / "labels")
+    if "voc" in formats:
+        res.outputs["voc"] = str(out_dir / "voc")
+    used: set[str] = set()
+    t0 = time.perf_counter()
+    last_ckpt = t0
+
+    def info() -> dict:
+        return {
+            "description": "ddetr detect predictions",
+            "model": detector.cfg.variant,
+            "conf": conf,
+            "masks": masks,
+            "images_processed": res.images,
+            "images_total": len(items),
+            "skipped": res.skipped,
+            "incomplete": res.incomplete,
+            "date_created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def flush_batch(pending: list[tuple[str, str, np.ndarray]]) -> None:
+        nonlocal last_ckpt
+        dets_list = detector.predict_arrays([img for _, _, img in pending], conf, max_det, classes)
+        for (src, name, img), dets in zip(pending, dets_list):
+            h, w = img.shape[:2]
+            name = _unique(name, used)
+            polygons = instance_polygons(dets) if masks else None
+            coco.add(name, w, h, dets, polygons)
+            res.images += 1
+            res.detections += len(dets)
+            res.per_class.update(labels.name(int(c)) for c in dets.class_id)
+            stem = name.rsplit(".", 1)[0]
+            if "yolo" in formats:
+                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons))
+            if "voc" in formats:
+                atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
+            if annot is not None:
+                drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
+                suffix = Path(name).suffix.lower()
+                write_image(out_dir / "annotated" / (name if suffix in (".jpg", ".jpeg", ".png", ".bmp") else stem + ".jpg"), drawn)
+            if progress:
+                progress(res.images + len(res.skipped), len(items))
+        pending.clear()
+        if time.perf_counter() - last_ckpt > checkpoint_every:
+            coco.write(pred_path, {**info(), "incomplete": True})
+            last_ckpt = time.perf_counter()
+
+    window: deque[tuple[str, str, Future]] = deque()
+    it = iter(items)
+    pending: list[tuple[str, str, np.ndarray]] = []
+    lookahead = max(2 * batch, workers * 2)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ddetr-decode")
+    try:
+        while True:
+            while len(window) < lookahead:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                window.append((nxt[0], nxt[1], pool.submit(load_source, nxt[0])))
+            if not window:
+                break
+            src, name, fut = window.popleft()
+            try:
+                pending.append((src, name, fut.result()))
+            except (ImageReadError, OSError, ValueError) as e:
+                res.skipped.append({"file": src, "reason": str(e)})
+                if progress:
+                    progress(res.images + len(res.skipped), len(items))
+            if len(pending) >= batch:
+                flush_batch(pending)
+        if pending:
+            flush_batch(pending)
+    except KeyboardInterrupt:
+        res.incomplete = True
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        res.seconds = time.perf_counter() - t0
+        coco.write(pred_path, info())
+        atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
+    return res

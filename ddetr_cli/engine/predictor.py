@@ -1,0 +1,322 @@
+"""Image in, detections out: reading, resizing, normalising, batching, post-processing.
+
+``Detector`` is the Python API under ``ddetr detect``, ``video`` and ``eval``::
+
+    det = Detector.from_pretrained("demo")
+    [dets] = det(["photo.jpg"], conf=0.3)        # supervision.Detections, xyxy in pixels
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import supervision as sv
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from ddetr_cli.data.images import ImageLike, read_image
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.formats.labels import LabelTable
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+def resize_shape(h: int, w: int, size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:
+    """Output (h, w): short side ``size`` unless the long side would pass ``max_size``.
+
+    The official recipe: the short side target is lowered (rounded) first when the long side
+    would exceed max_size; an image already at the target is left as is.
+    """
+    if max_size is not None:
+        lo, hi = float(min(h, w)), float(max(h, w))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def preprocess(
+    images: Sequence[np.ndarray],
+    size: int = 800,
+    max_size: int | None = 1333,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB uint8 images -> (pixels (B, 3, Hp, Wp) normalised float32, mask (B, Hp, Wp) True on padding).
+
+    Resizing is bilinear with antialiasing (as PIL does for the reference); padding is at the
+    bottom/right with zeros.
+    """
+    tensors = []
+    for img in images:
+        t = torch.from_numpy(img if img.flags.writeable else img.copy()).to(device).permute(2, 0, 1).float().div_(255.0)
+        h, w = img.shape[:2]
+        nh, nw = resize_shape(h, w, size, max_size)
+        if (nh, nw) != (h, w):
+            t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        mean = torch.tensor(MEAN, device=t.device).view(3, 1, 1)
+        std = torch.tensor(STD, device=t.device).view(3, 1, 1)
+        tensors.append((t - mean) / std)
+    hp = max(t.shape[1] for t in tensors)
+    wp = max(t.shape[2] for t in tensors)
+    pixels = torch.zeros(len(tensors), 3, hp, wp, device=tensors[0].device)
+    mask = torch.ones(len(tensors), hp, wp, dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        pixels[i, :, : t.shape[1], : t.shape[2]] = t
+        mask[i, : t.shape[1], : t.shape[2]] = False
+    return pixels, mask
+
+
+def select_detections(
+    logits: torch.Tensor,
+    max_det: int = 100,
+    classes: Sequence[int] | None = None,
+    no_object: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores -> the ``max_det`` best (score, query, label) per image, best first, each (B, K).
+
+    Deformable DETR (logits (B, Q, C), sigmoid): top-K over all Q*C scores, so a query may yield
+    several labels; ``classes`` zeroes the other labels first. DETR (``no_object``, logits
+    (B, Q, C+1), softmax): each query's best real class and its probability, as transformers'
+    ``post_process_object_detection``; a query whose label is not in ``classes`` scores 0.
+    """
+    logits = logits.float()
+    c = logits.shape[-1] - (1 if no_object else 0)
+    keep = None
+    if classes is not None:
+        keep = torch.zeros(c, dtype=torch.bool, device=logits.device)
+        keep[[k for k in classes if 0 <= k < c]] = True
+    if no_object:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        if keep is not None:
+            scores = scores * keep[labels]
+        scores, query = scores.topk(min(max_det, scores.shape[1]), dim=1)
+        return scores, query, torch.gather(labels, 1, query)
+    prob = logits.sigmoid()
+    b, q, _ = prob.shape
+    if keep is not None:
+        prob = prob * keep
+    scores, idx = prob.view(b, -1).topk(min(max_det, q * c), dim=1)
+    return scores, idx // c, idx % c
+
+
+def masks_to_image(masks: torch.Tensor, padded_hw: tuple[int, int], valid_hw: tuple[int, int],
+                   size: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """One image's mask logits -> bool masks in original pixels, as DETR's PostProcessSegm: bilinear
+    to the padded input size, sigmoid > threshold, crop the resized image, nearest to the original.
+
+    masks (K, h, w) logits over the padded input (Hp, Wp) = ``padded_hw``; ``valid_hw`` = the
+    resized image inside the padding; ``size`` = original (H, W) -> (K, H, W) bool.
+    """
+    out = np.zeros((masks.shape[0], *size), dtype=bool)
+    for start in range(0, masks.shape[0], 16):  # chunks: full-size float maps of 100 masks are ~0.4 GB
+        chunk = masks[start : start + 16].float()[None]
+        up = F.interpolate(chunk, size=tuple(padded_hw), mode="bilinear", align_corners=False)
+        binary = (up.sigmoid() > threshold)[:, :, : valid_hw[0], : valid_hw[1]].float()
+        out[start : start + 16] = (F.interpolate(binary, size=tuple(size), mode="nearest")[0] > 0.5).cpu().numpy()
+    return out
+
+
+def postprocess(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    conf: float = 0.3,
+    max_det: int = 100,
+    classes: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    no_object: bool = False,
+    masks: torch.Tensor | None = None,
+    pad_mask: torch.Tensor | None = None,
+) -> list[sv.Detections]:
+    """Model outputs -> per-image detections in pixels of the original images.
+
+    logits (B, Q, C) (or (B, Q, C+1) with ``no_object``: DETR), boxes (B, Q, 4) cxcywh
+    normalised, sizes [(h, w)] of the original images; see :func:`select_detections` for the
+    scoring, then the ``conf`` threshold. With ``masks`` (B, Q, h, w) logits (DETR's mask head)
+    and ``pad_mask`` (B, Hp, Wp) True on padding (from :func:`preprocess`), ``Detections.mask``
+    holds (N, H, W) bool masks in original pixels.
+    """
+    scores, query, labels = select_detections(logits, max_det, classes, no_object)
+    cx, cy, w, h = boxes.float().unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    if masks is not None and pad_mask is None:
+        raise ValueError("postprocess: masks need the pad_mask of the batch")
+    out = []
+    for i, (ih, iw) in enumerate(sizes):
+        sel = torch.gather(xyxy[i], 0, query[i][:, None].expand(-1, 4))
+        sel = sel * torch.tensor([iw, ih, iw, ih], dtype=sel.dtype, device=sel.device)
+        sel[:, 0::2] = sel[:, 0::2].clamp(0, iw)
+        sel[:, 1::2] = sel[:, 1::2].clamp(0, ih)
+        ok = scores[i] > conf
+        lab = labels[i][ok].cpu().numpy().astype(int)
+        data: dict[str, Any] = {}
+        if class_names is not None:
+            data["class_name"] = np.array([class_names[j] if j < len(class_names) and class_names[j] else str(j) for j in lab], dtype=object)
+        seg = None
+        if masks is not None:
+            valid = ~pad_mask[i]
+            valid_hw = (int(valid[:, 0].sum()), int(valid[0, :].sum()))
+            seg = masks_to_image(masks[i][query[i][ok]], tuple(pad_mask.shape[-2:]), valid_hw, (ih, iw))
+        out.append(
+            sv.Detections(
+                xyxy=sel[ok].cpu().numpy().astype(np.float32).reshape(-1, 4),
+                mask=seg,
+                confidence=scores[i][ok].cpu().numpy().astype(np.float32),
+                class_id=lab,
+                data=data,
+            )
+        )
+    return out
+
+
+def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA GPU ``local_rank`` if CUDA exists, else CPU; otherwise 'cpu', 'cuda'/'gpu'
+    (GPU ``local_rank``), 'cuda:N' or 'N'. Raises ValueError for an unusable request."""
+    req = "auto" if device in (None, "") else str(device).strip().lower()
+    if req == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if req in ("cuda", "gpu"):
+        req = f"cuda:{local_rank}"
+    elif req.isdigit():
+        req = f"cuda:{req}"
+    try:
+        dev = torch.device(req)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+class Detector:
+    """A loaded model plus its pre/post-processing, batched."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = "auto",
+        half: bool = False,
+        imgsz: int | None = None,
+        max_size: int | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        if not model.inference_only:
+            model.optimize_for_inference()
+        if half and self.device.type != "cuda":
+            raise ValueError("--half needs a CUDA device")
+        self.half = half
+        self.imgsz = imgsz or model.cfg.imgsz
+        # the reference 800/1333 pair, scaled with the requested short side
+        self.max_size = max_size if max_size is not None else int(round(self.imgsz * 1333 / 800))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None, **kw: Any) -> "Detector":
+        from ddetr_cli.weights.store import resolve
+        from ddetr_cli.weights.load import load_model
+
+        return cls(load_model(resolve(name_or_path)), **kw)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @functools.cached_property
+    def labels(self) -> LabelTable:
+        """Label index -> category id and name (``labels.LabelTable``), as every output writes them."""
+        return self.cfg.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        """Per label index, its name for display (an unnamed slot shows its index)."""
+        return [self.labels.name(i) for i in range(self.cfg.num_classes)]
+
+    def _autocast(self):
+        if self.half:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def forward_arrays(self, images: Sequence[np.ndarray]) -> dict:
+        """RGB uint8 arrays -> raw model outputs (``logits``, ``boxes``) of one batch."""
+        return self._forward(images)[0]
+
+    @torch.inference_mode()
+    def _forward(self, images: Sequence[np.ndarray]) -> tuple[dict, torch.Tensor]:
+        """-> (raw outputs, padding mask (B, Hp, Wp) of the batch)."""
+        pixels, mask = preprocess(images, self.imgsz, self.max_size, self.device)
+        with self._autocast():
+            return self.model(pixels, mask), mask
+
+    def decode(
+        self,
+        out: dict,
+        pad_mask: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+    ) -> list[sv.Detections]:
+        """Raw outputs of one batch (and its padding mask) -> detections per image, scored the
+        way the model family is (DETR: softmax with "no object"), with masks when it has a mask head.
+        Unnamed slots of the label table (COCO's "N/A" ids) are never detected."""
+        if classes is None and self.labels.has_unnamed:
+            classes = self.labels.labels
+        return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names,
+                           no_object=self.cfg.arch == "detr", masks=out.get("masks"), pad_mask=pad_mask)
+
+    def predict_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+    ) -> list[sv.Detections]:
+        """One batch of RGB uint8 arrays -> detections per image."""
+        out, pad_mask = self._forward(images)
+        return self.decode(out, pad_mask, [im.shape[:2] for im in images], conf, max_det, classes)
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ) -> list[sv.Detections]:
+        if isinstance(images, (str, Path, np.ndarray, Image.Image)):
+            images = [images]
+        arrays = [read_image(im) for im in images]
+        out: list[sv.Detections] = []
+        for i in range(0, len(arrays), max(1, batch_size)):
+            out += self.predict_arrays(arrays[i : i + batch_size], conf, max_det, classes)
+        return out
+
+    def class_ids(self, names_or_ids: Sequence[str | int]) -> list[int]:
+        """Class names (case-insensitive) or category ids (as the output files write them) -> the
+        model's label indices; unknown names or ids raise ValueError."""
+        by_id = {c.id: c for c in self.labels}
+        ids = []
+        for item in names_or_ids:
+            s = str(item).strip()
+            cat = by_id.get(int(s)) if s.isdigit() else self.labels.find(s)
+            if cat is None:
+                raise ValueError(f"unknown class {s!r}; the model knows: "
+                                 + ", ".join(f"{c.name} ({c.id})" for c in self.labels))
+            ids.append(cat.label)
+        return ids

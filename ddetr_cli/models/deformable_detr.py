@@ -1,0 +1,390 @@
+"""Deformable DETR (Zhu et al., 2020): backbone, deformable transformer and detection heads.
+
+Parameter names follow the official checkpoints (``transformer.encoder.layers.N.self_attn...``)
+minus the ``backbone.0`` nesting, so the official layout loads with little renaming and the
+transformers layout with a fixed table (see ``weights.py``).
+
+Conventions: ``mask`` is True on padding; boxes are (cx, cy, w, h) normalised to the unpadded
+image; sampling locations are (x, y) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ddetr_cli.models.backbone import ResNet
+from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.fusion import optimize_for_inference
+from ddetr_cli.ops.msda import ms_deform_attn
+from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention: each query samples P points per head and level."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        # Start the points on rays in M directions, point k at distance k+1, like the paper.
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value_in: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """query (N, Lq, C) with position added; reference_points (N, Lq, L, 2|4) normalised;
+        value_in (N, S, C); spatial_shapes (L, 2) int64 (H, W); level_start_index (L,);
+        padding_mask (N, S) True on padding -> (N, Lq, C)."""
+        n, lq, _ = query.shape
+        s = value_in.shape[1]
+        m, nl, p = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_in)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(n, s, m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(n, lq, m, nl, p, 2)
+        weights = self.attention_weights(query).view(n, lq, m, nl * p).softmax(-1).view(n, lq, m, nl, p)
+        if reference_points.shape[-1] == 2:
+            # loc = ref + offset / (W_l, H_l), computed on flat rows: the 6-d broadcast of the
+            # plain expression is several times slower on CPU at encoder sizes
+            inv = 1.0 / torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+            scale = inv[None, :, None, :].expand(m, nl, p, 2).reshape(-1)
+            ref = reference_points.reshape(n * lq, 1, nl, 1, 2).expand(n * lq, 1, nl, p, 2).reshape(n * lq, 1, nl, p * 2)
+            loc = (offsets.reshape(n * lq, m, nl, p * 2) * scale.view(m, nl, p * 2) + ref).view(n, lq, m, nl, p, 2)
+        else:
+            loc = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc.to(value.dtype), weights.to(value.dtype))
+        return self.output_proj(out)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MSDeformAttn(d, cfg.num_feature_levels, cfg.nheads, cfg.enc_n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.linear1 = nn.Linear(d, cfg.dim_feedforward)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU(inplace=True)  # a module, so inference can fuse it into linear1
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """src, pos (N, S, C); reference_points (N, S, L, 2) -> (N, S, C)."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout(attn))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout(ffn))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cross_attn = MSDeformAttn(d, cfg.num_feature_levels, cfg.nheads, cfg.dec_n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = SelfAttention(d, cfg.nheads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(d)
+        self.linear1 = nn.Linear(d, cfg.dim_feedforward)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
+        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); memory (N, S, C) -> (N, Q, C)."""
+        q = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, tgt)))
+        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        tgt = self.norm1(tgt + self.dropout(attn))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout(ffn))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        # Set by DeformableDETR when refining boxes / two-stage (shared with the output heads,
+        # as in the official checkpoints, which therefore list them twice).
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
+        nn.init.normal_(self.level_embed)
+        if cfg.two_stage:
+            self.enc_output = nn.Linear(d, d)
+            self.enc_output_norm = nn.LayerNorm(d)
+            self.pos_trans = nn.Linear(2 * d, 2 * d)
+            self.pos_trans_norm = nn.LayerNorm(2 * d)
+        else:
+            self.reference_points = nn.Linear(d, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR detector.
+
+    forward(images (B, 3, H, W) normalised, mask (B, H, W) bool True on padding) -> dict with
+    ``logits`` (B, Q, num_classes), ``boxes`` (B, Q, 4) cxcywh in [0, 1], ``aux`` (list of the
+    earlier decoder layers' {logits, boxes}) and, for two-stage, ``enc`` {logits (B, S, C),
+    boxes (B, S, 4)} of the encoder proposals.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.backbone = nn.Module()
+        if cfg.backbone == "resnet":
+            self.backbone.body = ResNet(cfg.backbone_depth, cfg.dilation, cfg.backbone_width)
+            self.backbone.body.freeze_stem()
+            levels = self.backbone.body.channels
+        else:
+            # ViT: timm names under backbone.body (trained at the backbone lr); the pyramid is new
+            # in every model, so it sits outside ``backbone`` and trains at the full lr.
+            self.backbone.body = VisionTransformer.from_name(cfg.backbone, cfg.vit_depth)
+            # single-scale takes the last level, stride 32, as with a ResNet
+            strides = (8, 16, 32) if cfg.num_feature_levels > 1 else (32,)
+            self.pyramid = SimpleFeaturePyramid(self.backbone.body.embed_dim, strides)
+            levels = self.pyramid.channels
+        body_channels = levels if cfg.num_feature_levels > 1 else levels[-1:]
+        projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in body_channels]
+        cin = body_channels[-1]
+        for _ in range(cfg.num_feature_levels - len(body_channels)):
+            projs.append(nn.Sequential(nn.Conv2d(cin, d, 3, 2, 1), nn.GroupNorm(32, d)))
+            cin = d
+        self.input_proj = nn.ModuleList(projs)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.transformer = Transformer(cfg)
+        if not cfg.two_stage:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+
+        class_embed = nn.Linear(d, cfg.num_classes)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        bbox_embed = MLP(d, d, 4, 3)
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
+        num_pred = cfg.dec_layers + (1 if cfg.two_stage else 0)
+        if cfg.with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            for head in self.bbox_embed:
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0 if cfg.two_stage else -2.0)
+            self.transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if cfg.two_stage:
+            self.transformer.decoder.class_embed = self.class_embed
+
+    def optimize_for_inference(self) -> "DeformableDETR":
+        """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
+        return optimize_for_inference(self)
+
+    @property
+    def inference_only(self) -> bool:
+        return bool(getattr(self.backbone.body, "fused", False))
+
+    # -- features ---------------------------------------------------------------------------
+    def _levels(self, images: torch.Tensor, mask: torch.Tensor):
+        """-> list of (source (B, d, H_l, W_l), mask (B, H_l, W_l)) for every feature level."""
+        if self.inference_only:
+            # channels-last convs; the flattened (B, HW, C) tokens are then views, not copies
+            images = images.contiguous(memory_format=torch.channels_last)
+        if isinstance(self.backbone.body, ResNet):
+            feats = self.backbone.body(images)
+        else:
+            feats = self.pyramid(self.backbone.body(images))
+            # the ViT sees the image padded to whole patches: so does the mask
+            mask = pad_to_patch_multiple(mask, value=True)
+        if self.cfg.num_feature_levels == 1:
+            feats = feats[-1:]
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        for lvl in range(len(srcs), self.cfg.num_feature_levels):
+            srcs.append(self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1]))
+        masks = [F.interpolate(mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
+        return srcs, masks
+
+    @staticmethod
+    def _valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, H, W) True on padding -> (B, 2) valid fraction (w, h)."""
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float() / h
+        valid_w = (~mask[:, 0, :]).sum(1).float() / w
+        return torch.stack([valid_w, valid_h], -1)
+
+    @staticmethod
+    def _encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
+        """valid_ratios (B, L, 2) -> (B, S, L, 2): pixel centres of every level, in the
+        coordinates of each level's valid area."""
+        refs = []
+        for lvl, (h, w) in enumerate(shapes):
+            dev = valid_ratios.device
+            ry, rx = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, device=dev), torch.linspace(0.5, w - 0.5, w, device=dev), indexing="ij"
+            )
+            ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            refs.append(torch.stack((rx, ry), -1))
+        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+
+    # -- two-stage proposals ----------------------------------------------------------------
+    def _proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor, shapes: list[tuple[int, int]]):
+        """memory (B, S, C), padding_mask (B, S) -> (object queries (B, S, C), proposal logits (B, S, 4))."""
+        b = memory.shape[0]
+        props, start = [], 0
+        for lvl, (h, w) in enumerate(shapes):
+            m = padding_mask[:, start : start + h * w].view(b, h, w)
+            valid_h = (~m[:, :, 0]).sum(1)
+            valid_w = (~m[:, 0, :]).sum(1)
+            gy, gx = torch.meshgrid(
+                torch.arange(h, dtype=memory.dtype, device=memory.device),
+                torch.arange(w, dtype=memory.dtype, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.stack([gx, gy], -1)[None].expand(b, -1, -1, -1)
+            scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2).to(memory.dtype)
+            grid = (grid + 0.5) / scale
+            wh = torch.full_like(grid, 0.05 * (2.0**lvl))
+            props.append(torch.cat([grid, wh], -1).view(b, -1, 4))
+            start += h * w
+        props = torch.cat(props, 1)
+        valid = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
+        props = torch.log(props / (1 - props))
+        invalid = padding_mask[..., None] | ~valid
+        props = props.masked_fill(invalid, float("inf"))
+        queries = memory.masked_fill(invalid, 0.0)
+        t = self.transformer
+        return t.enc_output_norm(t.enc_output(queries)), props
+
+    def _proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
+        """proposals (B, K, 4) logits -> (B, K, 2*d) sine embedding of the sigmoid boxes."""
+        num_feats = self.cfg.d_model // 2
+        dim_t = torch.arange(num_feats, dtype=proposals.dtype, device=proposals.device)
+        dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+        pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        b = images.shape[0]
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        srcs, masks = self._levels(images, mask)
+        t = self.transformer
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
+        pos_flat = torch.cat(
+            [
+                sine_position_embedding(m, self.cfg.d_model // 2).to(s.dtype).flatten(2).transpose(1, 2)
+                + t.level_embed[lvl].view(1, 1, -1)
+                for lvl, (s, m) in enumerate(zip(srcs, masks))
+            ],
+            1,
+        )
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=images.device)
+        level_start = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self._valid_ratios(m) for m in masks], 1).to(src_flat.dtype)
+
+        # An unpadded CPU batch (any single image) skips masking the values in every layer; on
+        # CUDA the check would cost a sync, so the mask is always applied there.
+        padding = None if mask_flat.device.type == "cpu" and not mask_flat.any() else mask_flat
+
+        # encoder
+        memory = src_flat
+        ref = self._encoder_reference_points(shapes, valid_ratios).to(src_flat.dtype)
+        for layer in t.encoder.layers:
+            memory = layer(memory, pos_flat, ref, spatial_shapes, level_start, padding)
+
+        # queries
+        out: dict = {}
+        d = self.cfg.d_model
+        if self.cfg.two_stage:
+            queries, proposals = self._proposals(memory, mask_flat, shapes)
+            enc_logits = self.class_embed[-1](queries)
+            enc_coords = self.bbox_embed[-1](queries) + proposals
+            out["enc"] = {"logits": enc_logits, "boxes": enc_coords.sigmoid()}
+            k = min(self.cfg.num_queries, enc_logits.shape[1])
+            top = torch.topk(enc_logits[..., 0], k, dim=1)[1]
+            top_coords = torch.gather(enc_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
+            reference = top_coords.sigmoid()
+            pos_trans = t.pos_trans_norm(t.pos_trans(self._proposal_pos_embed(top_coords)))
+            query_pos, tgt = torch.split(pos_trans, d, dim=2)
+        else:
+            query_pos, tgt = torch.split(self.query_embed.weight, d, dim=1)
+            query_pos = query_pos[None].expand(b, -1, -1)
+            tgt = tgt[None].expand(b, -1, -1)
+            reference = t.reference_points(query_pos).sigmoid()
+
+        # decoder: each layer predicts from its own reference; with refinement the next
+        # reference is the (detached) refined box.
+        logits_all, boxes_all = [], []
+        for lvl, layer in enumerate(t.decoder.layers):
+            ratios = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
+            tgt = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, spatial_shapes, level_start, padding)
+            delta = self.bbox_embed[lvl](tgt)
+            ref_logit = inverse_sigmoid(reference)
+            if reference.shape[-1] == 4:
+                coords = (delta + ref_logit).sigmoid()
+            else:
+                coords = torch.cat([delta[..., :2] + ref_logit, delta[..., 2:]], -1).sigmoid()
+            logits_all.append(self.class_embed[lvl](tgt))
+            boxes_all.append(coords)
+            if self.cfg.with_box_refine:
+                reference = coords.detach()
+        out["logits"], out["boxes"] = logits_all[-1], boxes_all[-1]
+        out["aux"] = [{"logits": lg, "boxes": bx} for lg, bx in zip(logits_all[:-1], boxes_all[:-1])]
+        return out

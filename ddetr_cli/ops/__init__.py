@@ -1,0 +1,2 @@
+"""The multi-scale deformable attention op: dispatch between the compiled C++/CUDA kernels
+(sources in the top-level ``csrc/``) and the pure-PyTorch reference, and the op's build."""
