@@ -165,13 +165,15 @@ def detect(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
-    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc (repeat or comma-separate). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
+    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc, labelstudio (repeat or comma-separate; labelstudio: labelstudio.json tasks + labelstudio-config.xml). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    ls_root: Annotated[Optional[Path], typer.Option("--ls-root", help="labelstudio format: the folder image URLs are relative to (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT). Default: the current directory.")] = None,
+    ls_url_prefix: Annotated[Optional[str], typer.Option("--ls-url-prefix", help="labelstudio format: images are served at this URL + path relative to --ls-root (instead of Label Studio's local files).")] = None,
 ) -> None:
     """Detect objects in images; write COCO JSON pre-labels (and YOLO/VOC) and annotated images.
 
@@ -184,13 +186,20 @@ def detect(
       ddetr detect list.txt --classes person,car --json
 
       ddetr detect photos --masks --model detr-resnet-50-panoptic --format coco,yolo
+
+      ddetr detect data/images --format coco,labelstudio --ls-root data
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    import functools
+
     from ddetr_cli.engine.detect import run_detect
     from ddetr_cli.files import next_run_dir
+    from ddetr_cli.formats.labelstudio import ImageURLError, image_url
 
     fmts = _parse_formats(formats)
+    if ls_root is not None and not ls_root.is_dir():
+        raise UserError(f"--ls-root {ls_root}: no such folder")
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
     if masks:
         _require_masks(det, model)  # before a run folder is made
@@ -222,7 +231,10 @@ def detect(
                 det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
                 formats=fmts, save_images=save_images, masks=masks, recursive=recursive, workers=workers,
                 progress=on_progress, total_hint=on_total,
+                ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
             )
+        except ImageURLError as e:
+            raise UserError(str(e)) from None
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"[yellow]interrupted[/]: partial results in {run_dir}/predictions.json (marked incomplete)")

@@ -21,10 +21,11 @@ from ddetr_cli.data.images import ImageReadError
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.files import atomic_write_text
 from ddetr_cli.formats.writers import Annotator, CocoWriter, voc_xml, write_image, yolo_lines
+from ddetr_cli.formats.labelstudio import LabelStudioWriter, image_url, labeling_config
 from ddetr_cli.formats.masks import instance_polygons, require_masks
 from ddetr_cli.data.sources import expand_sources, load_source
 
-FORMATS = ("coco", "yolo", "voc")
+FORMATS = ("coco", "yolo", "voc", "labelstudio")
 
 
 @dataclass
@@ -86,6 +87,7 @@ def run_detect(
     checkpoint_every: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
     total_hint: Callable[[int], None] | None = None,
+    ls_url: Callable[[str], str] | None = None,
 ) -> DetectResult:
     """Detect on every image the sources name; write outputs into ``out_dir``.
 
@@ -95,6 +97,11 @@ def run_detect(
     ``masks``: instance masks as COCO polygons in ``segmentation`` (and YOLO segmentation lines);
     needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
     written). Annotated images show masks whenever the detector returns them.
+
+    ``labelstudio`` format: ``labelstudio.json`` (tasks with predictions) and
+    ``labelstudio-config.xml``; ``ls_url`` maps an image path to the URL Label Studio loads it
+    from (default ``labelstudio.image_url``: local-files URL relative to the current directory).
+    An image it cannot map raises ``labelstudio.ImageURLError`` before anything is written.
     """
     bad = set(formats) - set(FORMATS)
     if bad:
@@ -104,8 +111,13 @@ def run_detect(
     items = list(expand_sources(sources, recursive))  # names only: cheap even for 10,000 files
     if total_hint:
         total_hint(len(items))
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = detector.labels
+    ls = None
+    if "labelstudio" in formats:
+        ls = LabelStudioWriter(detector.cfg.variant, url=ls_url or image_url)
+        for src, _ in items:
+            ls.url(src)  # an image Label Studio cannot be pointed at fails here, before any output
+    out_dir.mkdir(parents=True, exist_ok=True)
     coco = CocoWriter(labels)
     annot = Annotator(labels) if save_images else None
     res = DetectResult(out_dir)
@@ -117,6 +129,10 @@ def run_detect(
         res.outputs["yolo"] = str(out_dir / "labels")
     if "voc" in formats:
         res.outputs["voc"] = str(out_dir / "voc")
+    ls_path = out_dir / "labelstudio.json"
+    if ls is not None:
+        res.outputs["labelstudio"] = str(ls_path)
+        atomic_write_text(out_dir / "labelstudio-config.xml", labeling_config(labels.names, masks))
     used: set[str] = set()
     t0 = time.perf_counter()
     last_ckpt = t0
@@ -150,6 +166,10 @@ def run_detect(
                 atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons))
             if "voc" in formats:
                 atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
+            if ls is not None:
+                keep = [i for i, c in enumerate(dets.class_id) if labels.get(int(c)) is not None]
+                ls.add(src, w, h, dets.xyxy[keep], dets.confidence[keep], [labels.name(int(dets.class_id[i])) for i in keep],
+                       [polygons[i] for i in keep] if polygons is not None else None)
             if annot is not None:
                 drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
                 suffix = Path(name).suffix.lower()
@@ -159,6 +179,8 @@ def run_detect(
         pending.clear()
         if time.perf_counter() - last_ckpt > checkpoint_every:
             coco.write(pred_path, {**info(), "incomplete": True})
+            if ls is not None:
+                ls.write(ls_path)
             last_ckpt = time.perf_counter()
 
     window: deque[tuple[str, str, Future]] = deque()
@@ -193,5 +215,7 @@ def run_detect(
         pool.shutdown(wait=False, cancel_futures=True)
         res.seconds = time.perf_counter() - t0
         coco.write(pred_path, info())
+        if ls is not None:
+            ls.write(ls_path)
         atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
     return res
