@@ -1,4 +1,6 @@
-"""Training and validation transforms for detection samples, and batch collation.
+"""Image preparation: the one resize rule and normalisation of inference, evaluation and training
+(``resize_shape``, ``MEAN``/``STD``, ``preprocess`` for a batch of images), the training
+augmentations, and batch collation.
 
 A sample is ``(image (H, W, 3) uint8 RGB, boxes (K, 4) float32 xyxy absolute pixels, labels (K,)
 int64)``. Every random transform takes an explicit ``numpy.random.Generator`` so that the
@@ -17,9 +19,12 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+# ImageNet statistics: the one normalisation of training, validation, eval and inference
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+_MEAN, _STD = np.array(MEAN, np.float32), np.array(STD, np.float32)
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
 Transform = Callable[[Sample, np.random.Generator], Sample]
@@ -37,22 +42,58 @@ def scaled_sizes(imgsz: int) -> dict[str, list[int] | int]:
     }
 
 
-def resized_shape(h: int, w: int, short: int, max_size: int | None) -> tuple[int, int]:
-    """(h, w) after scaling the short side to ``short`` unless the long side would pass
-    ``max_size`` (then the long side becomes ``max_size``)."""
-    lo, hi = min(h, w), max(h, w)
-    if max_size is not None and hi / lo * short > max_size:
-        short = max(1, int(round(max_size * lo / hi)))
-    # The long side is truncated, as in the reference implementation.
-    if h <= w:
-        return short, max(1, int(short * w / h))
-    return max(1, int(short * h / w)), short
+def resize_shape(h: int, w: int, size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:
+    """Output (h, w): short side ``size`` unless the long side would pass ``max_size``.
+
+    The official recipe: the short side target is lowered (rounded) first when the long side
+    would exceed max_size; an image already at the target is left as is.
+    """
+    if max_size is not None:
+        lo, hi = float(min(h, w)), float(max(h, w))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def preprocess(
+    images: Sequence[np.ndarray],
+    size: int = 800,
+    max_size: int | None = 1333,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB uint8 images -> (pixels (B, 3, Hp, Wp) normalised float32, mask (B, Hp, Wp) True on padding).
+
+    Resizing is bilinear with antialiasing (as PIL does for the reference); padding is at the
+    bottom/right with zeros.
+    """
+    tensors = []
+    for img in images:
+        t = torch.from_numpy(img if img.flags.writeable else img.copy()).to(device).permute(2, 0, 1).float().div_(255.0)
+        h, w = img.shape[:2]
+        nh, nw = resize_shape(h, w, size, max_size)
+        if (nh, nw) != (h, w):
+            t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        mean = torch.tensor(MEAN, device=t.device).view(3, 1, 1)
+        std = torch.tensor(STD, device=t.device).view(3, 1, 1)
+        tensors.append((t - mean) / std)
+    hp = max(t.shape[1] for t in tensors)
+    wp = max(t.shape[2] for t in tensors)
+    pixels = torch.zeros(len(tensors), 3, hp, wp, device=tensors[0].device)
+    mask = torch.ones(len(tensors), hp, wp, dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        pixels[i, :, : t.shape[1], : t.shape[2]] = t
+        mask[i, : t.shape[1], : t.shape[2]] = False
+    return pixels, mask
 
 
 def resize(sample: Sample, short: int, max_size: int | None) -> Sample:
     img, boxes, labels = sample
     h, w = img.shape[:2]
-    nh, nw = resized_shape(h, w, short, max_size)
+    nh, nw = resize_shape(h, w, short, max_size)
     if (nh, nw) == (h, w):
         return sample
     img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
@@ -168,7 +209,7 @@ def to_tensor(sample: Sample) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (image (3, H, W) float32 normalised, {"labels" (K,), "boxes" (K, 4) cxcywh in [0, 1]})."""
     img, boxes, labels = sample
     h, w = img.shape[:2]
-    x = torch.from_numpy(((img.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy())
+    x = torch.from_numpy(((img.astype(np.float32) / 255.0 - _MEAN) / _STD).transpose(2, 0, 1).copy())
     b = boxes.astype(np.float32).reshape(-1, 4) / np.array([w, h, w, h], np.float32)
     cxcywh = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
     return x, {"labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),

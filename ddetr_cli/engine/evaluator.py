@@ -313,7 +313,7 @@ def _predict_timed(detector: Any, images: list[np.ndarray], conf: float, max_det
     if isinstance(detector, Detector) and not getattr(detector.cfg, "masks", False):
         import torch
 
-        from ddetr_cli.engine.predictor import preprocess
+        from ddetr_cli.data.transforms import preprocess
 
         def sync() -> None:
             if detector.device.type == "cuda":

@@ -22,59 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddetr_cli.data.images import ImageLike, read_image
+from ddetr_cli.data.transforms import preprocess
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.formats.labels import LabelTable
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-def resize_shape(h: int, w: int, size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:
-    """Output (h, w): short side ``size`` unless the long side would pass ``max_size``.
-
-    The official recipe: the short side target is lowered (rounded) first when the long side
-    would exceed max_size; an image already at the target is left as is.
-    """
-    if max_size is not None:
-        lo, hi = float(min(h, w)), float(max(h, w))
-        if hi / lo * size > max_size:
-            size = int(round(max_size * lo / hi))
-    if (w <= h and w == size) or (h <= w and h == size):
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
-
-
-def preprocess(
-    images: Sequence[np.ndarray],
-    size: int = 800,
-    max_size: int | None = 1333,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB uint8 images -> (pixels (B, 3, Hp, Wp) normalised float32, mask (B, Hp, Wp) True on padding).
-
-    Resizing is bilinear with antialiasing (as PIL does for the reference); padding is at the
-    bottom/right with zeros.
-    """
-    tensors = []
-    for img in images:
-        t = torch.from_numpy(img if img.flags.writeable else img.copy()).to(device).permute(2, 0, 1).float().div_(255.0)
-        h, w = img.shape[:2]
-        nh, nw = resize_shape(h, w, size, max_size)
-        if (nh, nw) != (h, w):
-            t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-        mean = torch.tensor(MEAN, device=t.device).view(3, 1, 1)
-        std = torch.tensor(STD, device=t.device).view(3, 1, 1)
-        tensors.append((t - mean) / std)
-    hp = max(t.shape[1] for t in tensors)
-    wp = max(t.shape[2] for t in tensors)
-    pixels = torch.zeros(len(tensors), 3, hp, wp, device=tensors[0].device)
-    mask = torch.ones(len(tensors), hp, wp, dtype=torch.bool, device=tensors[0].device)
-    for i, t in enumerate(tensors):
-        pixels[i, :, : t.shape[1], : t.shape[2]] = t
-        mask[i, : t.shape[1], : t.shape[2]] = False
-    return pixels, mask
-
 
 def select_detections(
     logits: torch.Tensor,
@@ -212,10 +162,12 @@ class Detector:
         half: bool = False,
         imgsz: int | None = None,
         max_size: int | None = None,
+        optimize: bool = True,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        if not model.inference_only:
+        # optimize=False keeps the model trainable (training's validation predicts with it)
+        if optimize and not model.inference_only:
             model.optimize_for_inference()
         if half and self.device.type != "cuda":
             raise ValueError("--half needs a CUDA device")

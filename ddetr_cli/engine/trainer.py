@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from ddetr_cli.models.config import BACKBONES, VIT_SIZES, ModelConfig
 from ddetr_cli.engine.predictor import pick_device as detector_pick_device
-from ddetr_cli.engine.predictor import postprocess
+from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.files import atomic_write_text as atomic_write
 from ddetr_cli.files import next_run_dir as new_run_dir
 from ddetr_cli.data.datasets import Dataset, DatasetError, Record, load_dataset
@@ -401,31 +401,19 @@ def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.d
                  workers: int = 0) -> dict[str, float]:
     """COCO mAP of ``model`` on ``dataset``: {"AP", "AP50", "AP75"} (fractions, 0 if undefined).
 
-    The same post-processing (top 100, no threshold) and COCOeval as ``ddetr eval``.
+    This is ``ddetr eval``'s own path (``Detector`` preprocessing and post-processing, top 100
+    without threshold, the same COCOeval), with the model left unfused so training goes on: the
+    number that picks ``best.safetensors`` is the number ``ddetr eval`` reports for it.
     """
-    from ddetr_cli.engine.evaluator import coco_metrics, ground_truth, to_coco_results
+    from ddetr_cli.engine.evaluator import evaluate
 
     was_training = model.training
-    model.eval()
-    ds = TrainSet(dataset.records, imgsz, seed=0, train=False)
-    keys = [(i, 0) for i in range(len(ds))]
-    loader = _loader(ds, [keys[j : j + batch] for j in range(0, len(keys), batch)], workers, device.type == "cuda")
-    # the model is trained on this dataset's classes in order: its table is the dataset's
-    label_to_cat = {c.label: c.id for c in dataset.labels}
-    results: list[dict] = []
-    for images, mask, targets in loader:
-        out = model(images.to(device), mask.to(device))
-        dets = postprocess(out["logits"], out["boxes"], [t["orig_size"] for t in targets], conf=0.0, max_det=100,
-                           no_object=model.cfg.arch == "detr")
-        for d, t in zip(dets, targets):
-            results += to_coco_results(d, int(t["image_id"]), label_to_cat)
-    model.train(was_training)
-    m = coco_metrics(ground_truth(dataset), results)
+    try:
+        detector = Detector(model, device=device, imgsz=imgsz, optimize=False)
+        m = evaluate(detector, dataset, batch=batch, conf=0.0, max_det=100, plot=False, workers=max(1, workers)).metrics
+    finally:
+        model.train(was_training)
     return {k: m[k] or 0.0 for k in ("AP", "AP50", "AP75")}
-
-
-# ---------------------------------------------------------------------------------------------
-# files
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ddetr_cli.data.images import ImageReadError, read_image
-from ddetr_cli.engine.predictor import resize_shape
+from ddetr_cli.data.transforms import resize_shape
 
 
 def _rgb(h=30, w=40):

@@ -31,7 +31,7 @@ from ddetr_cli.engine.trainer import (
     finetune_command,
     param_groups,
 )
-from ddetr_cli.data.transforms import crop, hflip, resized_shape, scaled_sizes, train_transforms
+from ddetr_cli.data.transforms import crop, hflip, resize_shape, scaled_sizes, train_transforms
 from ddetr_cli.weights.load import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,8 +58,8 @@ def test_reference_sizes_at_800() -> None:
     s = scaled_sizes(800)
     assert s["scales"] == list(range(480, 801, 32)) and s["max_size"] == 1333
     assert s["crop_resize"] == [400, 500, 600] and (s["crop_min"], s["crop_max"]) == (384, 600)
-    assert resized_shape(480, 640, 800, 1333) == (800, 1066)
-    assert resized_shape(100, 1000, 800, 1333) == (133, 1330)
+    assert resize_shape(480, 640, 800, 1333) == (800, 1066)
+    assert resize_shape(100, 1000, 800, 1333) == (133, 1330)
 
 
 def test_flip_and_crop_boxes() -> None:
@@ -307,3 +307,23 @@ def test_resume_with_more_epochs_and_later_lr_drop_equals_fresh_run(tmp_path: Pa
         finetune(resume=str(short.run_dir), out=str(tmp_path / "b"), epochs=3, lr_drop=2, verbose=False)
     with pytest.raises(Exception, match="already trained 2"):
         finetune(resume=str(short.run_dir), out=str(tmp_path / "b"), epochs=1, verbose=False)
+
+
+def test_validation_map_equals_ddetr_eval(tmp_path: Path) -> None:
+    """The validation mAP that picks best.safetensors is the mAP `ddetr eval` reports for that
+    checkpoint on the same split (one preprocessing, post-processing and COCOeval path). Starts
+    from the bundled demo (same classes) with a vanishing learning rate, so the AP is far from 0."""
+    from typer.testing import CliRunner
+
+    from ddetr_cli.cli import app
+
+    res = finetune(EXAMPLES / "coco", model="demo", imgsz=192, batch=2, epochs=1, max_steps=1, workers=0, lr=1e-12,
+                   lr_backbone=1e-12, out=str(tmp_path / "runs"), register=False, verbose=False)
+    header, row = (res.run_dir / "results.csv").read_text().strip().splitlines()
+    val = dict(zip(header.split(","), row.split(",")))
+    assert float(val["AP"]) > 0.3
+    r = CliRunner().invoke(app, ["eval", str(EXAMPLES / "coco"), "--split", "valid", "--model", str(res.best), "--json",
+                                 "--out", str(tmp_path / "eval"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert abs(metrics["AP"] - float(val["AP"])) <= 1e-6 and abs(metrics["AP50"] - float(val["AP50"])) <= 1e-6
