@@ -6,6 +6,7 @@ non-zero; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import sys
@@ -524,36 +525,50 @@ def _eval_summary(res) -> None:
 # -- finetune -----------------------------------------------------------------------------------
 
 
-@app.command()
-def finetune(
-    data: Annotated[Optional[str], typer.Argument(help="Dataset folder (COCO, YOLO or Pascal VOC; detected).", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Start from these weights (name or path). Default: the COCO model.")] = None,
-    scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights (with --variant/--arch).")] = False,
-    variant: Annotated[Optional[str], typer.Option(help="With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, two-stage, detr, detr-dc5.")] = None,
-    arch: Annotated[Optional[list[str]], typer.Option("--arch", help="For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, e.g. backbone_depth=18 d_model=128 vit_depth=4.")] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", help="vit-small or vit-base: a new model on a ViT backbone (unless --model is a ViT one); resnet: the default.")] = None,
-    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Force the dataset format: coco, yolo or voc.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 50).", min=1)] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Images per step per device (default 2).", min=1)] = None,
-    imgsz: Annotated[Optional[int], typer.Option(help="Short side of the training scale (default 800).", min=32)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
-    lr_backbone: Annotated[Optional[float], typer.Option("--lr-backbone", help="Backbone learning rate (default lr/10).")] = None,
-    lr_drop: Annotated[Optional[int], typer.Option("--lr-drop", help="Epochs between x0.1 LR drops (default 80% of epochs).")] = None,
-    accumulate: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.", min=1)] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16 where supported).")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep EMA weights (used for val and best).")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val mAP gain (0 = never).", min=0)] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", min=0)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps.", min=1)] = None,
-    save_period: Annotated[Optional[int], typer.Option("--save-period", help="Steps between resumable checkpoints.", min=0)] = None,
-    name: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Parent folder of run folders (default runs/finetune).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: 'latest' or a run folder (a larger --epochs/--max-steps extends it).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Less output.")] = False,
-) -> None:
+def _finetune_parameters() -> list[inspect.Parameter]:
+    """``ddetr finetune``'s parameters, built from ``FinetuneOptions`` (each option declared once
+    there: default, help, flag), plus the dataset argument and the command-only flags."""
+    import dataclasses
+    import typing
+
+    from ddetr_cli.engine.options import FinetuneOptions
+
+    hints = typing.get_type_hints(FinetuneOptions)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+        Optional[str], typer.Argument(help="Dataset folder (COCO, YOLO or Pascal VOC; detected).", show_default=False)])]
+    for f in dataclasses.fields(FinetuneOptions):
+        meta = f.metadata
+        if "help" not in meta:
+            continue  # set by the command itself (data, verbose)
+        hint = hints[f.name]
+        if type(None) in typing.get_args(hint):  # X | None -> X
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        base = list if typing.get_origin(hint) is list else hint
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        dashed = "--" + f.name.replace("_", "-")
+        if base is bool:
+            decls = [meta["flag"] or f"{dashed}/--no-{dashed[2:]}"]
+        else:
+            decls = [dashed] + ([meta["short"]] if meta["short"] else [])
+        shown = f" (default {default})" if default not in (None, [], False) and base is not bool else ""
+        if base is bool and meta["flag"] is None:
+            shown = f" (default {'on' if default else 'off'})"
+        opt = typer.Option(*decls, help=meta["help"] + shown, min=meta["min"], show_default=False)
+        annotation = Annotated[Optional[list[str]] if base is list else Optional[base], opt]
+        params.append(inspect.Parameter(f.name, kw, default=None, annotation=annotation))
+    params += [
+        inspect.Parameter("resume", kw, default=None, annotation=Annotated[Optional[str], typer.Option(
+            "--resume", help="Continue a run: 'latest' or a run folder (a larger --epochs/--max-steps extends it).")]),
+        inspect.Parameter("quiet", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--quiet", "-q", help="Less output.")]),
+        inspect.Parameter("as_json", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--json", help="Print the result (run folder, best weights, mAP, history) as JSON on stdout.")]),
+    ]
+    return params
+
+
+def finetune(**kwargs) -> None:
     """Fine-tune on your own labeled images; the best model is registered by name.
 
     Examples:
@@ -572,15 +587,14 @@ def finetune(
     """
     from ddetr_cli.engine.trainer import finetune_command
 
-    code = finetune_command(
-        data, model=model, scratch=scratch, variant=variant, arch=arch, backbone=backbone,
-        backbone_weights=backbone_weights, format=fmt, epochs=epochs, batch=batch,
-        imgsz=imgsz, lr=lr, lr_backbone=lr_backbone, lr_drop=lr_drop, accumulate=accumulate, amp=amp, ema=ema, patience=patience,
-        workers=workers, seed=seed, device=device, max_steps=max_steps, save_period=save_period, name=name,
-        out=out, resume=resume, quiet=quiet,
-    )
+    code = finetune_command(kwargs.pop("data"), resume=kwargs.pop("resume"), quiet=kwargs.pop("quiet"),
+                            as_json=kwargs.pop("as_json"), **kwargs)
     if code:
         raise typer.Exit(code)
+
+
+finetune.__signature__ = inspect.Signature(_finetune_parameters())
+app.command()(finetune)
 
 
 # -- weights ------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ Run it distributed with ``torchrun --nproc-per-node N -m ddetr_cli.engine.traine
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import csv
@@ -39,9 +38,7 @@ import json
 import math
 import os
 import random
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +49,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from ddetr_cli.models.config import BACKBONES, VIT_SIZES, ModelConfig
+from ddetr_cli.engine.options import DEFAULT_OUT, FinetuneError, FinetuneOptions, parse_arch
+from ddetr_cli.models.config import VIT_SIZES, ModelConfig
 from ddetr_cli.engine.predictor import pick_device as detector_pick_device
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.files import atomic_write_text as atomic_write
@@ -68,122 +66,6 @@ from ddetr_cli.weights.load import WeightsError, canonical_state_dict, load_stat
 
 STATE_FORMAT = "ddetr-train-state"
 STATE_VERSION = 1
-DEFAULT_OUT = "runs/finetune"
-
-
-class FinetuneError(ValueError):
-    """A problem with the request (options, run folder, resume); the message is one line."""
-
-
-# ---------------------------------------------------------------------------------------------
-# options
-
-
-@dataclass
-class FinetuneOptions:
-    """Every option of a fine-tuning run (what ``args.json`` records)."""
-
-    data: str = ""
-    model: str | None = None  # path or registry name; None = the registry's default (COCO) model
-    scratch: bool = False
-    variant: str = "multi-scale"  # only with scratch
-    arch: list[str] = field(default_factory=list)  # KEY=VALUE ModelConfig overrides, only for a new model
-    # "vit-small"/"vit-base": a new model on that backbone unless ``model`` is one; None/"resnet":
-    # the model as given. A pretrained ``model`` must have this backbone.
-    backbone: str | None = None
-    backbone_weights: str | None = None  # timm-layout ViT weights for a new ViT-backbone model
-    format: str | None = None
-    val_fraction: float = 0.2
-    epochs: int = 50
-    batch: int = 2
-    imgsz: int = 800
-    lr: float = 2e-4
-    lr_backbone: float | None = None  # None = lr / 10
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    lr_drop: int | None = None  # epochs between drops; None = round(0.8 * epochs)
-    accumulate: int = 1
-    amp: bool = True  # only on CUDA
-    ema: bool = True
-    ema_decay: float = 0.9998
-    patience: int = 0  # epochs without val mAP improvement before stopping; 0 = never
-    workers: int = 2
-    seed: int = 0
-    device: str | None = None  # None = cuda if available, else cpu
-    max_steps: int | None = None  # total optimizer steps, then stop (validated and saved)
-    save_period: int = 100  # optimizer steps between training-state checkpoints; 0 = epoch ends only
-    name: str | None = None  # registry name of the best model; None = run folder name
-    out: str = DEFAULT_OUT
-    register: bool = True
-    deterministic: bool = True
-    verbose: bool = True
-
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.batch >= 1, "--batch must be >= 1"),
-            (self.imgsz >= 32, "--imgsz must be >= 32"),
-            (self.lr > 0, "--lr must be > 0"),
-            (self.accumulate >= 1, "--accumulate must be >= 1"),
-            (self.workers >= 0, "--workers must be >= 0"),
-            (self.patience >= 0, "--patience must be >= 0"),
-            (self.save_period >= 0, "--save-period must be >= 0"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
-            (self.lr_drop is None or self.lr_drop >= 1, "--lr-drop must be >= 1"),
-            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-            (0 < self.ema_decay < 1, "--ema-decay must be in (0, 1)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise FinetuneError(msg)
-        if self.backbone is not None and self.backbone not in BACKBONES:
-            raise FinetuneError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.arch and not self.new_model:
-            raise FinetuneError("--arch only applies to a new model, with --scratch or --backbone vit-* "
-                                "(a pretrained model fixes the architecture)")
-        if self.backbone_weights and not (self.new_model and self.backbone in VIT_SIZES):
-            raise FinetuneError("--backbone-weights applies to a new ViT-backbone model: give --backbone "
-                                f"{'|'.join(VIT_SIZES)} and no --model")
-
-    @property
-    def new_model(self) -> bool:
-        """A freshly built model: --scratch, or a ViT backbone without a (ViT) --model to start from."""
-        return self.scratch or (self.backbone in VIT_SIZES and self.model is None)
-
-
-def parse_arch(items: Sequence[str]) -> dict[str, Any]:
-    """["d_model=64", "two_stage=true"] -> typed ModelConfig overrides (no eval of user text)."""
-    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        fixed = ("class_names", "num_classes", "imgsz")  # set from the dataset / --imgsz
-        if not sep or key not in types or key in fixed:
-            allowed = ", ".join(k for k in types if k not in fixed)
-            raise FinetuneError(f"bad --arch {item!r}: expected KEY=VALUE with KEY one of {allowed}")
-        t = str(types[key])
-        raw = raw.strip()
-        try:
-            if "bool" in t:
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(raw)
-                out[key] = raw.lower() in ("1", "true", "yes")
-            elif "int" in t:
-                out[key] = int(raw)
-            elif "float" in t:
-                out[key] = float(raw)
-            else:
-                out[key] = raw
-        except ValueError:
-            raise FinetuneError(f"bad --arch value {item!r} ({key} is {t})") from None
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-
 @dataclass
 class DistInfo:
     world: int = 1
@@ -476,6 +358,12 @@ class FinetuneResult:
     finished: bool
     registered: str | None = None
     history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "best": str(self.best) if self.best else None,
+                "last": str(self.last) if self.last else None, "best_ap": self.best_ap,
+                "epochs_done": self.epochs_done, "finished": self.finished, "registered": self.registered,
+                "history": self.history}
 
 
 class Trainer:
@@ -969,110 +857,26 @@ def _load_train_state(path: Path) -> dict:
     return s
 
 
-def finetune_command(
-    data: str | None = None,
-    *,
-    model: str | None = None,
-    scratch: bool = False,
-    variant: str | None = None,
-    arch: list[str] | None = None,
-    backbone: str | None = None,
-    backbone_weights: str | None = None,
-    format: str | None = None,
-    val_fraction: float | None = None,
-    epochs: int | None = None,
-    batch: int | None = None,
-    imgsz: int | None = None,
-    lr: float | None = None,
-    lr_backbone: float | None = None,
-    weight_decay: float | None = None,
-    clip_max_norm: float | None = None,
-    lr_drop: int | None = None,
-    accumulate: int | None = None,
-    amp: bool | None = None,
-    ema: bool | None = None,
-    patience: int | None = None,
-    workers: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    max_steps: int | None = None,
-    save_period: int | None = None,
-    name: str | None = None,
-    out: str | None = None,
-    resume: str | None = None,
-    register: bool | None = None,
-    deterministic: bool | None = None,
-    quiet: bool = False,
-) -> int:
-    """CLI entry: run :func:`finetune` and turn known errors into one red line.
-
-    ``None`` means "not given" (the default, or on resume the run's own value).
-    ``resume``: None = fresh run; "latest" = newest run under ``out``; else a run folder/last.pt.
-    Returns the exit code: 0 done (or already finished), 2 bad input, 130 interrupted.
+def finetune_command(data: str | None = None, *, resume: str | None = None, quiet: bool = False,
+                     as_json: bool = False, **options: Any) -> int:
+    """CLI entry (``ddetr finetune``, also under torchrun): run :func:`finetune` and turn known
+    errors into one red line. ``options`` are ``FinetuneOptions`` fields; ``None`` means "not
+    given" (the default, or on resume the run's own value). ``resume``: None = fresh run; "latest"
+    = newest run under ``out``; else a run folder/last.pt. ``as_json``: the result as one JSON
+    object on stdout (rank 0). Returns the exit code: 0 done (or already finished), 2 bad input,
+    130 interrupted.
     """
     from rich.console import Console
 
-    opts = dict(model=model, scratch=scratch or None, variant=variant, arch=list(arch) if arch else None,
-                backbone=backbone, backbone_weights=backbone_weights, format=format,
-                val_fraction=val_fraction, epochs=epochs, batch=batch, imgsz=imgsz, lr=lr, lr_backbone=lr_backbone,
-                weight_decay=weight_decay, clip_max_norm=clip_max_norm, lr_drop=lr_drop, accumulate=accumulate,
-                amp=amp, ema=ema, patience=patience, workers=workers, seed=seed, device=device, max_steps=max_steps,
-                save_period=save_period, name=name, out=out, register=register, deterministic=deterministic,
-                verbose=not quiet)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        finetune(data, resume=resume, **opts)
+        res = finetune(data, resume=resume, verbose=not (quiet or as_json), **options)
     except (DatasetError, WeightsError, FinetuneError) as e:
         err.print(f"[red]error:[/] {e}")
         return 2
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: continue with --resume")
         return 130
+    if as_json and dist_from_env().main:
+        print(json.dumps(res.to_dict()))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = FinetuneOptions()
-    p = argparse.ArgumentParser(prog="python -m ddetr_cli.engine.trainer", description="Fine-tune Deformable DETR on a labeled folder.")
-    p.add_argument("data", nargs="?", help="dataset folder (COCO, YOLO or Pascal VOC)")
-    p.add_argument("--model", help="pretrained weights: path or registry name (default: the COCO model)")
-    p.add_argument("--scratch", action="store_true", help="random init instead of pretrained weights")
-    p.add_argument("--variant", help=f"architecture with --scratch (default {d.variant})")
-    p.add_argument("--arch", action="append", metavar="KEY=VALUE", help="ModelConfig override for a new model: --scratch or --backbone vit-* (repeatable)")
-    p.add_argument("--backbone", help=f"{', '.join(BACKBONES)}; a ViT means a new model unless --model is a ViT one")
-    p.add_argument("--backbone-weights", help="timm-layout ViT weights (.safetensors/.pth) for a new ViT-backbone model")
-    p.add_argument("--format", help="dataset format (default: auto-detect)")
-    p.add_argument("--val-fraction", type=float, help=f"train fraction carved as val when there is no val split ({d.val_fraction})")
-    p.add_argument("--epochs", type=int, help=f"epochs ({d.epochs})")
-    p.add_argument("--batch", type=int, help=f"images per process and step ({d.batch})")
-    p.add_argument("--imgsz", type=int, help=f"training short side; reference scales x imgsz/800 ({d.imgsz})")
-    p.add_argument("--lr", type=float, help=f"learning rate ({d.lr})")
-    p.add_argument("--lr-backbone", type=float, help="backbone learning rate (lr/10)")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({d.weight_decay})")
-    p.add_argument("--clip-max-norm", type=float, help=f"gradient clipping norm, 0 = off ({d.clip_max_norm})")
-    p.add_argument("--lr-drop", type=int, help="epochs before the x0.1 lr drop (80%% of epochs)")
-    p.add_argument("--accumulate", type=int, help=f"micro-batches per optimizer step ({d.accumulate})")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision on GPU (on)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (on)")
-    p.add_argument("--patience", type=int, help="stop after N epochs without val mAP gain, 0 = never (0)")
-    p.add_argument("--workers", type=int, help=f"DataLoader workers, 0 = in-process ({d.workers})")
-    p.add_argument("--seed", type=int, help=f"random seed ({d.seed})")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (auto)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    p.add_argument("--save-period", type=int, help=f"steps between training-state checkpoints ({d.save_period})")
-    p.add_argument("--name", help="registry name of the best model (run folder name)")
-    p.add_argument("--out", help=f"parent folder of the runs ({DEFAULT_OUT})")
-    p.add_argument("--resume", nargs="?", const="latest", help="continue a run (folder or last.pt; default the latest)")
-    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register the best model (on)")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None, help="deterministic algorithms (on)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    return finetune_command(args.pop("data"), **args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -166,11 +166,11 @@ def _state(path: Path) -> dict:
 def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     data = EXAMPLES / "coco"
     extra = ("--epochs", "1", "--max-steps", "4", "--save-period", "2")
-    full = subprocess.run([sys.executable, "-m", "ddetr_cli.engine.trainer", *_cli_args(data, tmp_path / "a", *extra)],
+    full = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", *_cli_args(data, tmp_path / "a", *extra)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli.engine.trainer", *_cli_args(data, tmp_path / "b", *extra)],
+    proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "finetune", *_cli_args(data, tmp_path / "b", *extra)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = tmp_path / "b" / "exp" / "progress.json"
     deadline = time.time() + 240
@@ -189,7 +189,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     killed = _state(tmp_path / "b" / "exp" / "last.pt")
     assert not killed["finished"] and killed["global_step"] == 2
 
-    resumed = subprocess.run([sys.executable, "-m", "ddetr_cli.engine.trainer", "--resume", str(tmp_path / "b" / "exp"), "--quiet"],
+    resumed = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(tmp_path / "b" / "exp"), "--quiet"],
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _state(tmp_path / "a" / "exp" / "last.pt"), _state(tmp_path / "b" / "exp" / "last.pt")
@@ -202,7 +202,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
         assert torch.allclose(t, b["model"][name], atol=1e-5), name
     assert a["history"][-1]["AP"] == pytest.approx(b["history"][-1]["AP"], abs=1e-6)
 
-    again = subprocess.run([sys.executable, "-m", "ddetr_cli.engine.trainer", "--resume", str(tmp_path / "b" / "exp")],
+    again = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(tmp_path / "b" / "exp")],
                            env=ENV, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
 
@@ -212,7 +212,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
 
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ddetr_cli.engine.trainer", *_cli_args(EXAMPLES / "coco", tmp_path, "--epochs", "1", "--max-steps", "2",
+           "-m", "ddetr_cli", "finetune", *_cli_args(EXAMPLES / "coco", tmp_path, "--epochs", "1", "--max-steps", "2",
                                                "--save-period", "1")]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -229,7 +229,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_cli_one_line(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "ddetr_cli.engine.trainer", str(tmp_path / "nope"), "--scratch", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", str(tmp_path / "nope"), "--scratch", "--out", str(tmp_path)],
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -327,3 +327,28 @@ def test_validation_map_equals_ddetr_eval(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert abs(metrics["AP"] - float(val["AP"])) <= 1e-6 and abs(metrics["AP50"] - float(val["AP50"])) <= 1e-6
+
+
+def test_finetune_flags_are_the_options_declared_once(tmp_path: Path) -> None:
+    """`ddetr finetune`'s flags are built from FinetuneOptions: one flag per option with its help,
+    nothing the API would reject; --json prints the run's result as plain JSON."""
+    import dataclasses
+
+    import typer
+    from typer.testing import CliRunner
+
+    from ddetr_cli.cli import app
+    from ddetr_cli.engine.options import FinetuneOptions
+
+    cmd = typer.main.get_command(app).commands["finetune"]
+    names = {p.name for p in cmd.params}
+    fields = {f.name: f for f in dataclasses.fields(FinetuneOptions) if "help" in f.metadata}
+    assert names == set(fields) | {"data", "resume", "quiet", "as_json"}
+    for p in cmd.params:
+        if p.name in fields:
+            assert fields[p.name].metadata["help"] in p.help
+    r = CliRunner().invoke(app, ["finetune", str(EXAMPLES / "coco"), *_cli_args(EXAMPLES / "coco", tmp_path)[1:],
+                                 "--epochs", "1", "--max-steps", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["run_dir"] == str(tmp_path / "exp") and Path(res["best"]).is_file() and res["epochs_done"] == 1
