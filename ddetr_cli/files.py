@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,14 +38,81 @@ def atomic_write_text(path: Path, text: str | bytes) -> None:
         tmp.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
 
 
+RUN_MARKER = ".ddetr-run"  # in every run folder: which process owns it
+
+
+_claimed: list[Path] = []
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used (not empty, owned by another process); one line."""
+
+
+def _claim(folder: Path) -> None:
+    # O_EXCL: of two processes claiming one folder, exactly one succeeds
+    try:
+        fd = os.open(folder / RUN_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunFolderError(f"{folder} is in use by another ddetr run") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    _claimed.append(folder)
+
+
+def _owner_alive(folder: Path) -> bool:
+    try:
+        pid = int((folder / RUN_MARKER).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return pid != os.getpid()
+
+
 def next_run_dir(parent: Path, stem: str = "exp") -> Path:
-    """parent/exp, then exp2, exp3, ... (never an existing folder); created empty."""
+    """parent/exp, then exp2, exp3, ... (never an existing folder); created empty and claimed."""
     parent.mkdir(parents=True, exist_ok=True)
     n = 1
     while True:
         d = parent / (stem if n == 1 else f"{stem}{n}")
         try:
             d.mkdir()
-            return d
         except FileExistsError:
             n += 1
+            continue
+        _claim(d)
+        return d
+
+
+def claim_run_dir(folder: Path, exist_ok: bool = False) -> Path:
+    """Take ``folder`` (a user's ``--out``) as this process's run folder, never mixing runs: it is
+    created if missing; an existing one must be empty, or with ``exist_ok`` an earlier ddetr run
+    folder whose process has ended, which is cleared first. Raises RunFolderError otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        if not exist_ok:
+            raise RunFolderError(f"--out {folder} is not empty (an earlier run?): choose another folder, "
+                                 "or add --exist-ok to replace that run")
+        if not (folder / RUN_MARKER).is_file():
+            raise RunFolderError(f"--out {folder} is not empty and not a ddetr run folder: --exist-ok only "
+                                 "replaces earlier runs")
+        if _owner_alive(folder):
+            raise RunFolderError(f"{folder} is in use by another ddetr run")
+        for p in folder.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    _claim(folder)
+    return folder
+
+
+def drop_empty_runs() -> None:
+    """Remove the run folders this process claimed that hold nothing but their marker: a command
+    that failed before writing leaves no empty ``expN`` behind."""
+    while _claimed:
+        folder = _claimed.pop()
+        try:
+            if {p.name for p in folder.iterdir()} <= {RUN_MARKER}:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass

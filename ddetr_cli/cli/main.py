@@ -6,6 +6,7 @@ non-zero; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import platform
@@ -53,7 +54,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ddetr_cli.data.sources import SourceError
     from ddetr_cli.weights.load import WeightsError
 
-    errs: list[type[BaseException]] = [UserError, WeightsError, ModelNotAvailable, SourceError, ImageReadError, FileNotFoundError]
+    from ddetr_cli.engine.detect import DetectStopped
+    from ddetr_cli.files import RunFolderError
+
+    errs: list[type[BaseException]] = [UserError, WeightsError, ModelNotAvailable, SourceError, ImageReadError,
+                                       FileNotFoundError, RunFolderError, DetectStopped]
     try:
         from ddetr_cli.data.datasets import DatasetError
 
@@ -166,6 +171,7 @@ def detect(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
     formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc, labelstudio (repeat or comma-separate; labelstudio: labelstudio.json tasks + labelstudio-config.xml). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
@@ -195,7 +201,7 @@ def detect(
     import functools
 
     from ddetr_cli.engine.detect import run_detect
-    from ddetr_cli.files import next_run_dir
+    from ddetr_cli.files import claim_run_dir, next_run_dir
     from ddetr_cli.formats.labelstudio import ImageURLError, image_url
 
     fmts = _parse_formats(formats)
@@ -204,7 +210,7 @@ def detect(
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
     if masks:
         _require_masks(det, model)  # before a run folder is made
-    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/detect"))
+    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/detect"))
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -293,6 +299,7 @@ def video(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/video/expN, never overwritten).")] = None,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
@@ -313,7 +320,7 @@ def video(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ddetr_cli.files import next_run_dir
+    from ddetr_cli.files import claim_run_dir, next_run_dir
     from ddetr_cli.engine.video import VideoPipeline, VideoStats, parse_source
 
     quiet = quiet or as_json
@@ -331,7 +338,7 @@ def video(
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
                    track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
-    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/video"))
+    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/video"))
     columns = (
         [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         if not live else [TextColumn("[bold]stream[/] {task.fields[status]}"), TimeElapsedColumn()]
@@ -393,6 +400,7 @@ def eval_cmd(
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/eval/expN, never overwritten).")] = None,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
@@ -414,7 +422,7 @@ def eval_cmd(
     from ddetr_cli.data.datasets import load_dataset
     from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.engine.evaluator import EvalError, evaluate
-    from ddetr_cli.files import next_run_dir
+    from ddetr_cli.files import claim_run_dir, next_run_dir
 
     show = not (quiet or as_json)
     try:
@@ -436,7 +444,7 @@ def eval_cmd(
         if isinstance(e, _known_errors()):
             raise
         raise UserError(str(e)) from None
-    run_dir = out_dir if out_dir is not None else next_run_dir(Path("runs/eval"))
+    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/eval"))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -630,21 +638,26 @@ def weights_pull(name: Annotated[str, typer.Argument(help="A hub model name from
 @weights_app.command("import")
 def weights_import(
     path: Annotated[Path, typer.Argument(help="Hub folder, official .pth, or .safetensors.")],
-    name: Annotated[Optional[str], typer.Option(help="Name to register (default: the file's stem).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name to register (default: the file's stem, made unique).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-point --name if it is already registered.")] = False,
 ) -> None:
     """Convert a local weights file to the project's format and register it by name.
 
     Example: ddetr weights import ./checkpoint0049.pth --name coco-r50
     """
     from ddetr_cli.files import home
-    from ddetr_cli.weights.store import register
     from ddetr_cli.weights.load import detect_layout, load_model, save_model
+    from ddetr_cli.weights.store import ModelNameError, check_name, register, unique_name
 
+    try:  # before the (slow) conversion
+        name = check_name(name, force) if name else unique_name(Path(path).stem.replace(".safetensors", ""))
+    except ModelNameError as e:
+        raise UserError(str(e)) from None
     layout = detect_layout(path)
     model = load_model(path)
-    name = name or Path(path).stem.replace(".safetensors", "")
     dst = save_model(model, home() / "models" / f"{name}.safetensors", extra_meta={"source": f"import:{layout}"})
-    register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout")
+    register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout",
+             force=force)
     out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
 
 
@@ -679,13 +692,33 @@ def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights p
     out.print(t)
 
 
+# file-system failures a user can act on: one line naming the path, not a traceback
+_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST, errno.ENAMETOOLONG}
+
+
 def main() -> None:
-    """Console entry point: Typer handles usage errors and exits; known failures become one line."""
+    """Console entry point: Typer handles usage errors, exits and Ctrl-C (exit 130, quietly);
+    known failures become one line. The known error types are looked up only once an error
+    happened: importing them loads torch, which ``--help`` and usage errors never need.
+    A run folder the failed command left empty is removed."""
+    from ddetr_cli.files import drop_empty_runs
+
     try:
         app()
-    except _known_errors() as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+    except Exception as e:  # noqa: BLE001 - sorted below; unknown errors keep their traceback
+        if isinstance(e, _known_errors()):
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2 if isinstance(e, UserError) else 1)
+        if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
+            where = f" {e.filename}" if e.filename else ""
+            console.print(f"[bold red]error:[/] cannot write{where}: {e.strerror}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        raise
+    except KeyboardInterrupt:  # an interrupt outside a command (Typer maps those to 130)
+        sys.exit(130)
+    finally:
+        drop_empty_runs()
 
 
 if __name__ == "__main__":

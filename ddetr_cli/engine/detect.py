@@ -28,6 +28,11 @@ from ddetr_cli.data.sources import expand_sources, load_source
 FORMATS = ("coco", "yolo", "voc", "labelstudio")
 
 
+class DetectStopped(OSError):
+    """Outputs could not be written (disk full, read-only folder): the run stopped, and
+    predictions.json holds the last complete write; the message says how far it got."""
+
+
 @dataclass
 class DetectResult:
     out_dir: Path
@@ -178,10 +183,23 @@ def run_detect(
                 progress(res.images + len(res.skipped), len(items))
         pending.clear()
         if time.perf_counter() - last_ckpt > checkpoint_every:
-            coco.write(pred_path, {**info(), "incomplete": True})
-            if ls is not None:
-                ls.write(ls_path)
+            save(incomplete=True)
             last_ckpt = time.perf_counter()
+
+    saved = -1  # images in the last complete predictions.json
+
+    def save(incomplete: bool) -> None:
+        nonlocal saved
+        coco.write(pred_path, {**info(), "incomplete": incomplete or res.incomplete})
+        if ls is not None:
+            ls.write(ls_path)
+        saved = res.images
+
+    try:  # a folder that cannot take the outputs fails now, before any work
+        save(incomplete=True)
+    except OSError as e:
+        raise DetectStopped(f"cannot write {pred_path}: {e.strerror or e}") from None
+    stopped: OSError | None = None
 
     window: deque[tuple[str, str, Future]] = deque()
     it = iter(items)
@@ -211,11 +229,18 @@ def run_detect(
     except KeyboardInterrupt:
         res.incomplete = True
         raise
+    except OSError as e:  # an output write failed: keep what is complete, say where it stopped
+        res.incomplete = True
+        stopped = e
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         res.seconds = time.perf_counter() - t0
-        coco.write(pred_path, info())
-        if ls is not None:
-            ls.write(ls_path)
-        atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
+        try:
+            save(incomplete=False)
+            atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
+        except OSError as e:
+            stopped = stopped or e
+    if stopped is not None:
+        raise DetectStopped(f"{stopped.strerror or stopped}{f' ({stopped.filename})' if stopped.filename else ''}: "
+                            f"stopped after {res.images} of {len(items)} images; {pred_path} holds the first {saved}")
     return res

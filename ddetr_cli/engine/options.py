@@ -70,7 +70,9 @@ class FinetuneOptions:
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available).")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (validated and saved).", min=1)
     save_period: int = option(100, "Optimizer steps between resumable checkpoints (0 = epoch ends only).", min=0)
-    name: str | None = option(None, "Register the best model under this name (default: the run folder's name).")
+    name: str | None = option(None, "Register the best model under this name (default: the run folder's name, "
+                              "made unique).")
+    force: bool = option(False, "Re-point --name if it is already registered.", flag="--force")
     out: str = option(DEFAULT_OUT, "Parent folder of the run folders.")
     register: bool = option(True, "Register the best model by name.")
     deterministic: bool = option(True, "Deterministic algorithms.")
@@ -94,6 +96,13 @@ class FinetuneOptions:
         for ok, msg in checks:
             if not ok:
                 raise FinetuneError(msg)
+        if self.name is not None and self.register:
+            from ddetr_cli.weights.store import ModelNameError, check_name
+
+            try:  # before training, not after
+                check_name(self.name, self.force)
+            except ModelNameError as e:
+                raise FinetuneError(f"--name: {e}") from None
         if self.backbone is not None and self.backbone not in BACKBONES:
             raise FinetuneError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.arch and not self.new_model:

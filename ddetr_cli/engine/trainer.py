@@ -818,7 +818,7 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
         already = state is not None and bool(state.get("finished"))
         if info.main and result.finished and not already:
             if result.best is not None and opts.register:
-                result.registered = _register(opts.name or run_dir.name, result.best, run_dir, console, opts.verbose)
+                result.registered = _register(opts.name, result.best, run_dir, console, opts.verbose, opts.force)
             if opts.verbose:
                 console.print(f"done: {trainer.stop_reason}; best val mAP {max(result.best_ap, 0):.4f} "
                               f"(epoch {trainer.best_epoch}) -> {result.best}")
@@ -828,13 +828,14 @@ def finetune(data: str | Path | None = None, *, resume: str | None = None, **opt
             dist.destroy_process_group()
 
 
-def _register(name: str, best: Path, run_dir: Path, console: Any, verbose: bool) -> str | None:
+def _register(name: str | None, best: Path, run_dir: Path, console: Any, verbose: bool, force: bool) -> str | None:
+    """Register ``best`` as ``name`` (checked before training), or by default as the run folder's
+    name made unique, so that runs in different --out parents never replace each other."""
+    from ddetr_cli.weights.store import register, unique_name
+
+    name = name or unique_name(run_dir.name)
     try:
-        from ddetr_cli.weights.store import register
-    except ImportError:
-        return None
-    try:
-        register(name, best, source="finetune", description=f"fine-tuned in {run_dir}")
+        register(name, best, source="finetune", description=f"fine-tuned in {run_dir}", force=force)
     except (ValueError, OSError) as e:
         if verbose:
             console.print(f"[yellow]not registered as {name!r}: {e}[/]")

@@ -8,6 +8,7 @@ to the project's own format in ``$DDETR_HOME/models/`` (default ``~/.cache/ddetr
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,12 +83,42 @@ def list_models() -> list[Entry]:
     return sorted(entries.values(), key=lambda e: (e.source != "bundled", e.name))
 
 
-def register(name: str, path: str | Path, source: str = "import", description: str = "") -> Entry:
-    """Record ``name`` -> ``path`` (a weights file/folder any loader reads)."""
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid model name {name!r}")
-    if name in _bundled():
-        raise ValueError(f"{name!r} is a bundled model name; choose another")
+class ModelNameError(ValueError):
+    """A name that cannot be registered (malformed, reserved, or taken without ``force``)."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(name: str, force: bool = False) -> str:
+    """``name`` if it can be registered: letters, digits, ``. _ -`` (no paths), not a bundled or
+    hub name, and not registered already unless ``force`` (re-point it). Else ModelNameError."""
+    if not _NAME.fullmatch(name or "") or ".." in name:
+        raise ModelNameError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (no paths)")
+    if name in _bundled() or name in HUB_MODELS:
+        raise ModelNameError(f"{name!r} is a bundled or hub model name; choose another")
+    if name in _read_index() and not force:
+        raise ModelNameError(f"{name!r} is already registered ({_read_index()[name].get('path')}); "
+                             "choose another name or re-point it with --force")
+    return name
+
+
+def unique_name(base: str) -> str:
+    """``base``, else ``base-2``, ``base-3``, ...: the first name not taken (for default names)."""
+    taken = set(_read_index()) | set(_bundled()) | set(HUB_MODELS)
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", base).lstrip(".-_") or "model"
+    n, name = 1, base
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def register(name: str, path: str | Path, source: str = "import", description: str = "",
+             force: bool = False) -> Entry:
+    """Record ``name`` -> ``path`` (a weights file/folder any loader reads); an existing name is
+    re-pointed only with ``force`` (ModelNameError otherwise)."""
+    check_name(name, force)
     entry = Entry(name, str(Path(path).resolve()), source, description, time.time())
     index = _read_index()
     index[name] = asdict(entry)
