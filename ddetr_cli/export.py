@@ -190,16 +190,17 @@ def voc_labelmap(labels: LabelTable) -> str:
 
 
 def link_image(dst: Path, source: str | None, image_rgb: np.ndarray) -> None:
-    """Put the image at ``dst``: a symbolic link to the local file ``source`` (no copy), else
-    (URLs, file systems without links) the file's bytes or the decoded image. Atomic: an
-    existing ``dst`` is replaced."""
+    """Put the image at ``dst``: a hard link to the local file ``source`` (no copy; a symbolic
+    link would not do: Datumaro refuses image paths that resolve outside the dataset), its
+    bytes where a hard link is not possible (another file system), the decoded image for URLs.
+    Atomic: an existing ``dst`` is replaced."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     if source is not None and Path(source).is_file():
         try:
-            os.symlink(Path(source).absolute(), tmp)
+            os.link(source, tmp)
         except OSError:
             import shutil
 
