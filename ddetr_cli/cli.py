@@ -265,7 +265,7 @@ def _detect_summary(res) -> None:
         if len(res.skipped) > 20:
             console.print(f"  ... and {len(res.skipped) - 20} more (see predictions.json info.skipped)")
     for kind, path in res.outputs.items():
-        console.print(f"{kind:>7}: {path}", highlight=False)
+        console.print(f"{kind:>13}: {path}", highlight=False)
 
 
 # -- video --------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def _video_summary(res) -> None:
         highlight=False,
     )
     for kind, path in res.outputs.items():
-        console.print(f"{kind:>7}: {path}", highlight=False)
+        console.print(f"{kind:>13}: {path}", highlight=False)
 
 
 # -- eval ---------------------------------------------------------------------------------------

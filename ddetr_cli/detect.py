@@ -169,11 +169,12 @@ def run_detect(
     res = DetectResult(out_dir)
     pred_path = out_dir / "predictions.json"
     res.outputs["coco"] = str(pred_path)
-    res.outputs["images"] = str(out_dir / "images")
     if save_images:
-        res.outputs["annotated"] = str(out_dir / "annotated")
+        res.outputs["images"] = str(out_dir / "annotated")
+    res.outputs["source_images"] = str(out_dir / "images")
     if "yolo" in formats:
-        res.outputs["yolo"] = str(out_dir / "data.yaml")
+        res.outputs["yolo"] = str(out_dir / "labels")
+        res.outputs["data_yaml"] = str(out_dir / "data.yaml")
         atomic_write_text(out_dir / "data.yaml", yolo_data_yaml(out_dir, labels))
         atomic_write_text(out_dir / "classes.txt", yolo_classes_txt(labels))
         (out_dir / "labels").mkdir(exist_ok=True)
