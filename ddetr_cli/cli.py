@@ -372,7 +372,7 @@ def _video_summary(res) -> None:
         highlight=False,
     )
     for kind, path in res.outputs.items():
-        console.print(f"{kind:>13}: {path}", highlight=False)
+        console.print(f"{kind:>7}: {path}", highlight=False)
 
 
 # -- eval ---------------------------------------------------------------------------------------
