@@ -39,6 +39,13 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _print_json(data) -> None:
+    """``--json`` output: plain JSON on stdout, never Rich markup or colour (FORCE_COLOR, a
+    terminal), so it pipes into ``python -m json.tool`` / ``jq`` as it is."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
 class UserError(Exception):
     """A failure the user can fix; shown as one line."""
 
@@ -109,7 +116,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "cpu_fused_kernels": fused_cpu_kernels(),
     }
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return
     t = Table(show_header=False, box=None)
     for k, v in data.items():
@@ -175,14 +182,19 @@ def detect(
     formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc, labelstudio (repeat or comma-separate; labelstudio: labelstudio.json tasks + labelstudio-config.xml). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
+    save_conf: Annotated[bool, typer.Option("--save-conf", help="YOLO label lines end with the confidence (a sixth column, as ultralytics' save_conf).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (plain JSON).")] = False,
     ls_root: Annotated[Optional[Path], typer.Option("--ls-root", help="labelstudio format: the folder image URLs are relative to (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT). Default: the current directory.")] = None,
     ls_url_prefix: Annotated[Optional[str], typer.Option("--ls-url-prefix", help="labelstudio format: images are served at this URL + path relative to --ls-root (instead of Label Studio's local files).")] = None,
 ) -> None:
     """Detect objects in images; write COCO JSON pre-labels (and YOLO/VOC) and annotated images.
+
+    The run folder imports as it is: predictions.json (COCO; also as
+    annotations/instances_default.json beside images/, for Datumaro/CVAT), data.yaml +
+    labels/ (yolo: ultralytics, supervision), voc/ (Annotations, ImageSets, labelmap.txt).
 
     Examples:
 
@@ -236,7 +248,7 @@ def detect(
         try:
             res = run_detect(
                 det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
-                formats=fmts, save_images=save_images, masks=masks, recursive=recursive, workers=workers,
+                formats=fmts, save_images=save_images, masks=masks, save_conf=save_conf, recursive=recursive, workers=workers,
                 progress=on_progress, total_hint=on_total,
                 ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
             )
@@ -248,7 +260,7 @@ def detect(
             raise typer.Exit(130)
 
     if as_json:
-        out.print_json(json.dumps(res.to_dict()))
+        _print_json(res.to_dict())
     elif not quiet:
         _detect_summary(res)
     if res.images == 0:
@@ -272,7 +284,7 @@ def _detect_summary(res) -> None:
         if len(res.skipped) > 20:
             console.print(f"  ... and {len(res.skipped) - 20} more (see predictions.json info.skipped)")
     for kind, path in res.outputs.items():
-        console.print(f"{kind:>7}: {path}", highlight=False)
+        console.print(f"{kind:>13}: {path}", highlight=False)
 
 
 # -- video --------------------------------------------------------------------------------------
@@ -362,7 +374,7 @@ def video(
     with progress:
         res = pipe.run(handle_signals=True)
     if as_json:
-        out.print_json(json.dumps(res.to_dict()))
+        _print_json(res.to_dict())
     elif not quiet:
         _video_summary(res)
     if res.error:
@@ -459,7 +471,7 @@ def eval_cmd(
             raise UserError(str(e)) from None
     res.settings["model"] = model or "default"
     if as_json:
-        out.print_json(json.dumps(res.to_dict()))
+        _print_json(res.to_dict())
     elif not quiet:
         _eval_summary(res)
     for w in res.warnings:
@@ -615,7 +627,7 @@ def weights_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
 
     entries = list_models()
     if as_json:
-        out.print_json(json.dumps([{**e.__dict__, "available": bool(e.path) and Path(e.path).exists()} for e in entries]))
+        _print_json([{**e.__dict__, "available": bool(e.path) and Path(e.path).exists()} for e in entries])
         return
     t = Table(title="ddetr weights")
     for col in ("name", "source", "available", "description"):

@@ -7,6 +7,7 @@ window of decoded images is held, so memory stays flat on folders of any size.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -18,14 +19,27 @@ import cv2
 import numpy as np
 
 from ddetr_cli.data.images import ImageReadError
+from ddetr_cli.data.sources import expand_sources, is_url, load_source
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.files import atomic_write_text
-from ddetr_cli.formats.writers import Annotator, CocoWriter, voc_xml, write_image, yolo_lines
 from ddetr_cli.formats.labelstudio import LabelStudioWriter, image_url, labeling_config
 from ddetr_cli.formats.masks import instance_polygons, require_masks
-from ddetr_cli.data.sources import expand_sources, load_source
+from ddetr_cli.formats.writers import (
+    Annotator,
+    CocoWriter,
+    link_image,
+    voc_labelmap,
+    voc_xml,
+    write_image,
+    yolo_classes_txt,
+    yolo_data_yaml,
+    yolo_lines,
+)
 
 FORMATS = ("coco", "yolo", "voc", "labelstudio")
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Datumaro's COCO importer reads annotations/instances_<subset>.json beside images/.
+DATUMARO_COCO = "annotations/instances_default.json"
 
 
 class DetectStopped(OSError):
@@ -63,16 +77,53 @@ class DetectResult:
 
 
 def _unique(name: str, used: set[str]) -> str:
-    if name not in used:
-        used.add(name)
+    """``name``, or ``<stem>_2<ext>``, ``_3``, ... so that no two images share a stem (compared
+    without case): label files, VOC xml and tools that match by name without extension
+    (CVAT, Datumaro) must not see ``x.jpg`` and ``x.png`` as one image."""
+    stem, ext = _split_ext(name)
+    if stem.lower() not in used:
+        used.add(stem.lower())
         return name
-    stem, dot, ext = name.rpartition(".")
-    stem, ext = (stem, "." + ext) if dot else (name, "")
     n = 2
-    while f"{stem}_{n}{ext}" in used:
+    while f"{stem}_{n}".lower() in used:
         n += 1
-    used.add(f"{stem}_{n}{ext}")
+    used.add(f"{stem}_{n}".lower())
     return f"{stem}_{n}{ext}"
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.rpartition(".")
+    stem, ext = (stem, "." + ext) if dot and stem else (base, "")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def _image_file_name(name: str) -> str:
+    """The file name of an annotated image: its own, or ``<stem>.jpg`` for other formats."""
+    stem, ext = _split_ext(name)
+    return name if ext.lower() in IMAGE_FILE_SUFFIXES else stem + ".jpg"
+
+
+def _source_path(src: str) -> str:
+    """What ``ddetr_source`` records: the URL, or the local file's absolute path."""
+    return src if is_url(src) else str(Path(src).absolute())
+
+
+def _link_coco(out_dir: Path, pred_path: Path) -> None:
+    """``annotations/instances_default.json`` = predictions.json for Datumaro/CVAT (a relative
+    link; a copy where links are not possible)."""
+    dst = out_dir / DATUMARO_COCO
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() and os.readlink(dst) == os.path.join("..", pred_path.name):
+        return
+    try:
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(os.path.join("..", pred_path.name), tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        atomic_write_text(dst, pred_path.read_bytes())
 
 
 def run_detect(
@@ -87,6 +138,7 @@ def run_detect(
     formats: Sequence[str] = ("coco",),
     save_images: bool = True,
     masks: bool = False,
+    save_conf: bool = False,
     recursive: bool = False,
     workers: int = 4,
     checkpoint_every: float = 30.0,
@@ -103,10 +155,19 @@ def run_detect(
     needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
     written). Annotated images show masks whenever the detector returns them.
 
-    ``labelstudio`` format: ``labelstudio.json`` (tasks with predictions) and
-    ``labelstudio-config.xml``; ``ls_url`` maps an image path to the URL Label Studio loads it
-    from (default ``labelstudio.image_url``: local-files URL relative to the current directory).
-    An image it cannot map raises ``labelstudio.ImageURLError`` before anything is written.
+    The run folder is a dataset the tools import as it is: ``images/`` (links to the source
+    images, under the COCO ``file_name``), ``predictions.json`` (COCO, every image record with
+    its ``ddetr_source``) and ``annotations/instances_default.json`` (the same file, where
+    Datumaro/CVAT look); ``yolo``: ``labels/<stem>.txt``, ``data.yaml``, ``classes.txt``
+    (``save_conf``: the confidence as a sixth column); ``voc``: ``voc/Annotations/<stem>.xml``,
+    ``voc/ImageSets/Main/default.txt``, ``voc/labelmap.txt``, ``voc/JPEGImages/``;
+    ``labelstudio``: ``labelstudio.json`` (tasks with predictions) and ``labelstudio-config.xml``;
+    ``ls_url`` maps an image path to the URL Label Studio loads it from (default
+    ``labelstudio.image_url``: local-files URL relative to the current directory). An image it
+    cannot map raises ``labelstudio.ImageURLError`` before anything is written.
+
+    A failed output write (disk full, read-only folder) stops the run with ``DetectStopped``;
+    predictions.json then holds the last complete write, which the message names.
     """
     bad = set(formats) - set(FORMATS)
     if bad:
@@ -122,7 +183,10 @@ def run_detect(
         ls = LabelStudioWriter(detector.cfg.variant, url=ls_url or image_url)
         for src, _ in items:
             ls.url(src)  # an image Label Studio cannot be pointed at fails here, before any output
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DetectStopped(f"cannot write {out_dir}: {e.strerror or e}") from None
     coco = CocoWriter(labels)
     annot = Annotator(labels) if save_images else None
     res = DetectResult(out_dir)
@@ -130,14 +194,23 @@ def run_detect(
     res.outputs["coco"] = str(pred_path)
     if save_images:
         res.outputs["images"] = str(out_dir / "annotated")
+    res.outputs["source_images"] = str(out_dir / "images")
     if "yolo" in formats:
         res.outputs["yolo"] = str(out_dir / "labels")
+        res.outputs["data_yaml"] = str(out_dir / "data.yaml")
+        atomic_write_text(out_dir / "data.yaml", yolo_data_yaml(out_dir, labels))
+        atomic_write_text(out_dir / "classes.txt", yolo_classes_txt(labels))
+        (out_dir / "labels").mkdir(exist_ok=True)
+    voc_dir = out_dir / "voc"
     if "voc" in formats:
-        res.outputs["voc"] = str(out_dir / "voc")
+        res.outputs["voc"] = str(voc_dir)
+        atomic_write_text(voc_dir / "labelmap.txt", voc_labelmap(labels))
+        (voc_dir / "Annotations").mkdir(parents=True, exist_ok=True)
     ls_path = out_dir / "labelstudio.json"
     if ls is not None:
         res.outputs["labelstudio"] = str(ls_path)
         atomic_write_text(out_dir / "labelstudio-config.xml", labeling_config(labels.names, masks))
+    (out_dir / "images").mkdir(exist_ok=True)
     used: set[str] = set()
     t0 = time.perf_counter()
     last_ckpt = t0
@@ -155,48 +228,56 @@ def run_detect(
             "date_created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
+    saved = -1  # images in the last complete predictions.json
+
+    def write_all(incomplete: bool) -> None:
+        nonlocal saved
+        coco.write(pred_path, {**info(), "incomplete": incomplete or res.incomplete})
+        saved = res.images
+        _link_coco(out_dir, pred_path)
+        if "voc" in formats:
+            ids = "".join(_split_ext(im["file_name"])[0] + "\n" for im in coco.images)
+            atomic_write_text(voc_dir / "ImageSets" / "Main" / "default.txt", ids)
+        if ls is not None:
+            ls.write(ls_path)
+
     def flush_batch(pending: list[tuple[str, str, np.ndarray]]) -> None:
         nonlocal last_ckpt
         dets_list = detector.predict_arrays([img for _, _, img in pending], conf, max_det, classes)
         for (src, name, img), dets in zip(pending, dets_list):
             h, w = img.shape[:2]
+            if is_url(src) and _split_ext(name)[1].lower() not in IMAGE_FILE_SUFFIXES:
+                name = _split_ext(name)[0] + ".jpg"  # written decoded into images/ under this name
             name = _unique(name, used)
             polygons = instance_polygons(dets) if masks else None
-            coco.add(name, w, h, dets, polygons)
+            coco.add(name, w, h, dets, polygons, source=_source_path(src))
             res.images += 1
             res.detections += len(dets)
             res.per_class.update(labels.name(int(c)) for c in dets.class_id)
-            stem = name.rsplit(".", 1)[0]
+            stem = _split_ext(name)[0]
+            local = None if is_url(src) else src
+            link_image(out_dir / "images" / name, local, img)
             if "yolo" in formats:
-                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons))
+                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons, save_conf))
             if "voc" in formats:
-                atomic_write_text(out_dir / "voc" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
+                atomic_write_text(voc_dir / "Annotations" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
+                link_image(voc_dir / "JPEGImages" / name, local, img)
             if ls is not None:
                 keep = [i for i, c in enumerate(dets.class_id) if labels.get(int(c)) is not None]
                 ls.add(src, w, h, dets.xyxy[keep], dets.confidence[keep], [labels.name(int(dets.class_id[i])) for i in keep],
                        [polygons[i] for i in keep] if polygons is not None else None)
             if annot is not None:
                 drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
-                suffix = Path(name).suffix.lower()
-                write_image(out_dir / "annotated" / (name if suffix in (".jpg", ".jpeg", ".png", ".bmp") else stem + ".jpg"), drawn)
+                write_image(out_dir / "annotated" / _image_file_name(name), drawn)
             if progress:
                 progress(res.images + len(res.skipped), len(items))
         pending.clear()
         if time.perf_counter() - last_ckpt > checkpoint_every:
-            save(incomplete=True)
+            write_all(True)
             last_ckpt = time.perf_counter()
 
-    saved = -1  # images in the last complete predictions.json
-
-    def save(incomplete: bool) -> None:
-        nonlocal saved
-        coco.write(pred_path, {**info(), "incomplete": incomplete or res.incomplete})
-        if ls is not None:
-            ls.write(ls_path)
-        saved = res.images
-
     try:  # a folder that cannot take the outputs fails now, before any work
-        save(incomplete=True)
+        write_all(True)
     except OSError as e:
         raise DetectStopped(f"cannot write {pred_path}: {e.strerror or e}") from None
     stopped: OSError | None = None
@@ -236,7 +317,7 @@ def run_detect(
         pool.shutdown(wait=False, cancel_futures=True)
         res.seconds = time.perf_counter() - t0
         try:
-            save(incomplete=False)
+            write_all(res.incomplete)
             atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
         except OSError as e:
             stopped = stopped or e

@@ -9,6 +9,8 @@ go out as polygons (``masks.mask_to_polygons``): Label Studio rejects RLE.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,15 +34,21 @@ class CocoWriter:
         self.annotations: list[dict] = []
 
     def add(self, file_name: str, width: int, height: int, dets: sv.Detections,
-            polygons: Sequence[list[list[float]]] | None = None) -> int:
+            polygons: Sequence[list[list[float]]] | None = None, source: str | None = None) -> int:
         """One image and its detections; returns its image id.
+
+        ``source``: where the image came from (absolute path or URL), kept in the image record
+        as ``ddetr_source`` (an extra key: pycocotools, Datumaro/CVAT and Label Studio ignore it).
 
         ``polygons``: per detection, its mask as COCO polygons (``masks.instance_polygons``), written
         as ``segmentation`` with ``area`` = the mask's pixel count; an empty mask keeps
         ``segmentation: []`` and the box area. The bbox is the detector's box either way.
         """
         image_id = len(self.images) + 1
-        self.images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
+        record = {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)}
+        if source is not None:
+            record["ddetr_source"] = source
+        self.images.append(record)
         for i, (xyxy, score, label) in enumerate(zip(dets.xyxy, dets.confidence, dets.class_id)):
             cat = self.labels.category_id(int(label))
             if cat is None:
@@ -81,7 +89,7 @@ class CocoWriter:
 
 
 def yolo_lines(dets: sv.Detections, width: int, height: int, labels: LabelTable,
-               polygons: Sequence[list[list[float]]] | None = None) -> str:
+               polygons: Sequence[list[list[float]]] | None = None, save_conf: bool = False) -> str:
     """YOLO txt: ``class cx cy w h`` normalised, class = the category's contiguous YOLO index
     (``Category.yolo``); detections in unnamed slots are left out.
 
@@ -89,20 +97,24 @@ def yolo_lines(dets: sv.Detections, width: int, height: int, labels: LabelTable,
     ``class x1 y1 x2 y2 ...`` normalised, one ring per instance (parts joined by zero-width cuts,
     since the format has one polygon per line); an empty mask is written as its box's corners,
     so every line of the file is a polygon.
+
+    ``save_conf``: the confidence as a last column (ultralytics' ``save_conf``), with the 5
+    decimals of ``score`` in predictions.json.
     """
     rows = []
-    for i, ((x1, y1, x2, y2), label) in enumerate(zip(dets.xyxy, dets.class_id)):
+    for i, ((x1, y1, x2, y2), label, score) in enumerate(zip(dets.xyxy, dets.class_id, dets.confidence)):
         cat = labels.get(int(label))
         if cat is None:
             continue
+        conf = f" {float(score):.5f}" if save_conf else ""
         if polygons is not None:
             ring = join_polygons(polygons[i]) or [x1, y1, x2, y1, x2, y2, x1, y2]
             xy = " ".join(f"{v / (width if k % 2 == 0 else height):.6f}" for k, v in enumerate(ring))
-            rows.append(f"{cat.yolo} {xy}")
+            rows.append(f"{cat.yolo} {xy}{conf}")
             continue
         cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
         w, h = (x2 - x1) / width, (y2 - y1) / height
-        rows.append(f"{cat.yolo} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        rows.append(f"{cat.yolo} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}{conf}")
     return "\n".join(rows) + ("\n" if rows else "")
 
 
@@ -110,7 +122,7 @@ def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, labels
     """Pascal VOC annotation, ``<name>`` = the category name; pixel coordinates are 1-based
     inclusive as in the devkit. Detections in unnamed slots are left out."""
     root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "images"
+    ET.SubElement(root, "folder").text = "JPEGImages"
     ET.SubElement(root, "filename").text = file_name
     size = ET.SubElement(root, "size")
     for tag, v in (("width", width), ("height", height), ("depth", 3)):
@@ -133,6 +145,51 @@ def voc_xml(file_name: str, width: int, height: int, dets: sv.Detections, labels
         ET.SubElement(bb, "ymax").text = str(max(int(round(y2)), int(round(y1)) + 1))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def yolo_data_yaml(root: Path, labels: LabelTable) -> str:
+    """The dataset YAML of ultralytics (and supervision's ``from_yolo``, Datumaro's
+    ``yolo_ultralytics``): ``path`` = the run folder (absolute, so any working directory
+    works; delete it after moving the folder and ultralytics uses the YAML's own folder),
+    ``train``/``val`` = its ``images/``, whose label files are ``labels/<stem>.txt``;
+    ``names`` in YOLO index order."""
+    import yaml
+
+    doc = {"path": str(Path(root).absolute()), "train": "images", "val": "images",
+           "nc": len(labels), "names": {c.yolo: c.name for c in labels}}
+    return "# ddetr detect pre-labels: ultralytics / supervision / Datumaro YOLO layout\n" + yaml.safe_dump(
+        doc, sort_keys=False, allow_unicode=True)
+
+
+def yolo_classes_txt(labels: LabelTable) -> str:
+    """``classes.txt`` (and darknet ``obj.names``): one name per line, YOLO index order."""
+    return "".join(f"{n}\n" for n in labels.names)
+
+
+def voc_labelmap(labels: LabelTable) -> str:
+    """``labelmap.txt`` of a Pascal VOC folder as Datumaro (and so CVAT) reads it: the header
+    ``# label:color_rgb:parts:actions`` and one ``name:::`` line per category, in label order
+    (without it the 20 VOC classes are assumed and other names are rejected)."""
+    for n in labels.names:
+        if ":" in n:
+            raise ValueError(f"class name {n!r} has a ':', which labelmap.txt cannot hold")
+    return "# label:color_rgb:parts:actions\n" + "".join(f"{n}:::\n" for n in labels.names)
+
+
+def link_image(dst: Path, source: str | None, image_rgb: np.ndarray) -> None:
+    """Put the image at ``dst``: a hard link to the local file ``source`` (no copy; a symbolic
+    link would not do: Datumaro refuses image paths that resolve outside the dataset), its
+    bytes where a hard link is not possible (another file system), the decoded image for URLs.
+    Atomic: an existing ``dst`` is replaced."""
+    if source is not None and Path(source).is_file():
+        with atomic_path(dst) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+        return
+    write_image(dst, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
 
 
 class Annotator:

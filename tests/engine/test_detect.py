@@ -95,10 +95,9 @@ def test_yolo_and_voc_round_trip(tmp_path, tiny_model_path):
         ]
     assert sum(len(v) for v in by_image.values()) > 0
 
-    (out / "data.yaml").write_text("names:\n" + "".join(f"  - {n}\n" for n in names))
     yolo = sv.DetectionDataset.from_yolo(images_directory_path=str(folder), annotations_directory_path=str(out / "labels"),
                                          data_yaml_path=str(out / "data.yaml"))
-    voc = sv.DetectionDataset.from_pascal_voc(images_directory_path=str(folder), annotations_directory_path=str(out / "voc"))
+    voc = sv.DetectionDataset.from_pascal_voc(images_directory_path=str(folder), annotations_directory_path=str(out / "voc" / "Annotations"))
     for ds, tol in ((yolo, 1.0), (voc, 1.5)):
         seen = 0
         for path, _, dets in ds:

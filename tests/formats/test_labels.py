@@ -136,7 +136,7 @@ def test_published_coco_table_gives_coco_ids_everywhere(tmp_path):
     # YOLO: contiguous 0..79 in COCO id order; VOC: the COCO names
     by_index = [coco[i] for i in sorted(coco)]
     lines = (out / "labels" / "im.txt").read_text().splitlines()
-    voc = [o.findtext("name") for o in ET.parse(out / "voc" / "im.xml").getroot().iter("object")]
+    voc = [o.findtext("name") for o in ET.parse(out / "voc" / "Annotations" / "im.xml").getroot().iter("object")]
     assert len(lines) == len(voc) == len(pred["annotations"])
     names_by_id = {c["id"]: c["name"] for c in pred["categories"]}
     expected = sorted(names_by_id[a["category_id"]] for a in pred["annotations"])

@@ -212,7 +212,7 @@ def test_detect_writes_polygons_that_pycocotools_reads(masked_images, tmp_path: 
             if m.any():
                 assert _iou(_ann_to_mask([ring], h, w), m) >= 0.95
     assert checked == 9 and empty == 1
-    xml = (out / "voc" / "img0.xml").read_text()
+    xml = (out / "voc" / "Annotations" / "img0.xml").read_text()
     assert "<bndbox>" in xml and "polygon" not in xml
 
 
