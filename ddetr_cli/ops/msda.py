@@ -15,7 +15,8 @@ at pixel (x*W - 0.5, y*H - 0.5); corners outside the level read zero.
 
 Importing this module never builds anything. The first call of :func:`ms_deform_attn` (or
 :func:`backend_info`) picks the backend from ``DDETR_MSDA_BACKEND`` (``auto`` by default,
-``compiled`` or ``torch``) and, unless told ``torch``, builds the extension in ``csrc/`` once into
+``compiled`` or ``torch``) and, unless told ``torch``, builds the extension in ``csrc/`` (the
+installed copy in ``ddetr_cli/assets/csrc``, else the checkout's top-level folder) once into
 ``${DDETR_CACHE:-~/.cache/ddetr}/ext/<key>``, where later processes find it. The compiled op is the
 ``torch.ops.ddetr.ms_deform_attn`` custom op with a fake implementation and autograd registered
 here, so ``torch.compile(fullgraph=True)`` traces through it.
@@ -40,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ddetr_cli.assets import asset_dir
+
 __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_torch",
@@ -51,7 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+# the installed package data (ddetr_cli/assets/csrc) or the checkout's top-level csrc/
+CSRC_DIR = asset_dir("csrc")
 _CPU_SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp")
 _CUDA_SOURCES = ("ms_deform_attn_cuda.cu",)
 _LIB_NAME = "ddetr_msda"
@@ -354,7 +358,7 @@ def build_extension(
         cuda_arch_list = cuda_arch_list or _default_arch_list()
     for src in _sources(with_cuda):
         if not src.is_file():
-            raise RuntimeError(f"build failed: source {src} not found (is ddetr-cli installed from a checkout?)")
+            raise RuntimeError(f"build failed: source {src} not found (ddetr-cli installed without its csrc/ sources?)")
     key = _build_key(with_cuda, cuda_arch_list)
     build_dir = Path(build_dir) if build_dir is not None else extension_cache_dir() / key
     build_dir.mkdir(parents=True, exist_ok=True)

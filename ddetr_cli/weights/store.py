@@ -12,10 +12,11 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from ddetr_cli.assets import asset_dir
 from ddetr_cli.files import atomic_write_text, home
 
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+# the bundled models: the installed package data (ddetr_cli/assets/weights) or the checkout's weights/
+WEIGHTS_DIR = asset_dir("weights")
 DEFAULT_MODEL = "deformable-detr"
 
 # name -> (hub repo id, description)
