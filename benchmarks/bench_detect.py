@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from ddetr_cli.engine.detect import run_detect
     from ddetr_cli.data.images import read_image
+    from ddetr_cli.engine.detect import run_detect
     from ddetr_cli.engine.predictor import Detector
 
     w, h = map(int, args.size.split("x"))
@@ -81,7 +81,8 @@ def main() -> None:
             pipeline = time.perf_counter() - t
             assert res.images == len(files)
             rows.append((kind, det.imgsz, len(files) / model_only, len(files) / pipeline))
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else cpu
     print(f"\n`ddetr detect` on {args.images} JPEGs of {args.size}, batch {args.batch}, {dev}, torch {torch.__version__}\n")
     print("| model | imgsz | model only (img/s) | detect pipeline (img/s) | pipeline / model |")
     print("|---|---:|---:|---:|---:|")

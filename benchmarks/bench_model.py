@@ -68,10 +68,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = ap.parse_args()
 
+    import tempfile
+
     from ddetr_cli.ops.msda import backend_info
     from ddetr_cli.weights.load import load_model
-
-    import tempfile
 
     hf = None
     if not args.no_hf:
@@ -87,8 +87,8 @@ def main() -> None:
             save_hub(hf, d)
             ours = load_model(d)
     else:
-        from ddetr_cli.models.config import ModelConfig
         from ddetr_cli.models.build import build_model
+        from ddetr_cli.models.config import ModelConfig
 
         ours = build_model(ModelConfig.from_variant(args.variant, num_classes=91))
     ours.optimize_for_inference()  # what Detector does
@@ -122,8 +122,10 @@ def main() -> None:
     if not dev.startswith("cuda") and args.dtype == "fp32" and not args.no_hf:
         floor = compute_floor(hf, x, mask)
     base = dict(rows).get("transformers 4.x")
-    dev_name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {args.dtype}, {dev} ({dev_name}), torch {torch.__version__}\n")
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    dev_name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else cpu
+    print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {args.dtype}, {dev} ({dev_name}), torch "
+          f"{torch.__version__}\n")
     print("| implementation | ms / batch | images / s | speed-up vs transformers |")
     print("|---|---:|---:|---:|")
     for name, t in rows:

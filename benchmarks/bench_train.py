@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ddetr_cli.models.config import ModelConfig  # noqa: E402
 from ddetr_cli.data.datasets import load_dataset  # noqa: E402
-from ddetr_cli.models.losses import SetCriterion  # noqa: E402
-from ddetr_cli.models.deformable_detr import DeformableDETR  # noqa: E402
 from ddetr_cli.engine.trainer import TrainSet, collate, param_groups  # noqa: E402
+from ddetr_cli.models.config import ModelConfig  # noqa: E402
+from ddetr_cli.models.deformable_detr import DeformableDETR  # noqa: E402
+from ddetr_cli.models.losses import SetCriterion  # noqa: E402
 
 DEMO = dict(backbone_depth=18, d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512, num_queries=100)
 

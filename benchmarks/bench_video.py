@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ddetr_cli.data import synth
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.engine.predictor import Detector
-from ddetr_cli.models.deformable_detr import DeformableDETR
 from ddetr_cli.engine.video import run_video
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.deformable_detr import DeformableDETR
 
 
 def tiny_detector(imgsz: int, device: str) -> Detector:
@@ -67,7 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "bench.mp4"
         synth.make_clip(clip, frames=args.frames, size=(w, h), fps=25, seed=0)
-        det = Detector.from_pretrained(args.model, device=args.device, imgsz=args.imgsz) if args.model else tiny_detector(args.imgsz, args.device)
+        det = (Detector.from_pretrained(args.model, device=args.device, imgsz=args.imgsz) if args.model
+               else tiny_detector(args.imgsz, args.device))
         frames = decode_all(clip)
         det.predict_arrays(frames[: args.batch], conf=args.conf)  # warm-up: allocator, oneDNN kernels
 

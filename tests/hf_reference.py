@@ -72,7 +72,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
             t.copy_(r * (1.0 / fan_in) ** 0.5)
         elif t.dim() == 2:
             t.copy_(r * (1.0 / t.shape[1]) ** 0.5)
-        elif name.endswith(".weight") and ("norm" in name or "bn" in name or ".gn" in name or "downsample.1" in name or ".1.weight" in name):
+        elif name.endswith(".weight") and any(k in name for k in ("norm", "bn", ".gn", "downsample.1", ".1.weight")):
             t.copy_(1.0 + 0.1 * r)
         else:
             t.copy_(0.1 * r)

@@ -27,7 +27,6 @@ def main() -> None:
 
     cfg, sd, _ = read_weights(dst)
     params = sum(t.numel() for t in sd.values())
-    last = rows[-1] if rows else {}
     progress = json.loads((run / "progress.json").read_text()) if (run / "progress.json").is_file() else {}
     best = max(rows, key=lambda r: float(r["AP"])) if rows else {}
     status = ("finished" if progress.get("finished") else

@@ -57,12 +57,11 @@ def fail(msg: str, code: int = 1) -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from ddetr_cli.data.images import ImageReadError
-    from ddetr_cli.weights.store import ModelNotAvailable
     from ddetr_cli.data.sources import SourceError
-    from ddetr_cli.weights.load import WeightsError
-
     from ddetr_cli.engine.detect import DetectStopped
     from ddetr_cli.files import RunFolderError
+    from ddetr_cli.weights.load import WeightsError
+    from ddetr_cli.weights.store import ModelNotAvailable
 
     errs: list[type[BaseException]] = [UserError, WeightsError, ModelNotAvailable, SourceError, ImageReadError,
                                        FileNotFoundError, RunFolderError, DetectStopped]
@@ -109,7 +108,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} "
+                                                                                  f"threads)",
         "msda_backend": b.get("backend"),
         "msda_reason": b.get("reason"),
         "msda_cuda_kernels": b.get("cuda_kernels"),
@@ -168,27 +168,41 @@ def _require_masks(det, model) -> None:
 
 @app.command()
 def detect(
-    sources: Annotated[list[str], typer.Argument(help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    sources: Annotated[list[str], typer.Argument(
+            help="Images, folders, quoted globs ('**' ok), .txt lists, http(s) URLs.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
+                                                                       "Default: the COCO model.")] = None,
     conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
-    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in predictions.json (repeat or comma-separate).")] = None,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in "
+                                                                           "predictions.json (repeat or comma-separate).")] = None,
     max_det: Annotated[int, typer.Option("--max-det", help="Most detections per image.", min=1)] = 100,
-    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; "
+                                                      "800 for the COCO models).", min=32)] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
-    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
-    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc, labelstudio (repeat or comma-separate; labelstudio: labelstudio.json tasks + labelstudio-config.xml). With --masks, yolo writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays boxes.")] = ["coco"],  # noqa: B006
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
+                                                              "refused).")] = False,
+    formats: Annotated[list[str], typer.Option("--format", help="coco, yolo, voc, labelstudio (repeat or comma-separate; labelstudio: "
+                                                                "labelstudio.json tasks + labelstudio-config.xml). With --masks, yolo "
+                                                                "writes segmentation polygons (class x1 y1 x2 y2 ...); voc stays "
+                                                                "boxes.")] = ["coco"],  # noqa: B006
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
-    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask head, e.g. detr-resnet-50-panoptic).")] = False,
-    save_conf: Annotated[bool, typer.Option("--save-conf", help="YOLO label lines end with the confidence (a sixth column, as ultralytics' save_conf).")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask "
+                                                        "head, e.g. detr-resnet-50-panoptic).")] = False,
+    save_conf: Annotated[bool, typer.Option("--save-conf", help="YOLO label lines end with the confidence (a sixth column, as "
+                                                                "ultralytics' save_conf).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (plain JSON).")] = False,
-    ls_root: Annotated[Optional[Path], typer.Option("--ls-root", help="labelstudio format: the folder image URLs are relative to (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT). Default: the current directory.")] = None,
-    ls_url_prefix: Annotated[Optional[str], typer.Option("--ls-url-prefix", help="labelstudio format: images are served at this URL + path relative to --ls-root (instead of Label Studio's local files).")] = None,
+    ls_root: Annotated[Optional[Path], typer.Option("--ls-root", help="labelstudio format: the folder image URLs are relative to (Label "
+                                                                      "Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT). Default: the "
+                                                                      "current directory.")] = None,
+    ls_url_prefix: Annotated[Optional[str], typer.Option("--ls-url-prefix", help="labelstudio format: images are served at this URL + "
+                                                                                 "path relative to --ls-root (instead of Label Studio's "
+                                                                                 "local files).")] = None,
 ) -> None:
     """Detect objects in images; write COCO JSON pre-labels (and YOLO/VOC) and annotated images.
 
@@ -208,9 +222,9 @@ def detect(
 
       ddetr detect data/images --format coco,labelstudio --ls-root data
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     import functools
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ddetr_cli.engine.detect import run_detect
     from ddetr_cli.files import claim_run_dir, next_run_dir
@@ -292,26 +306,36 @@ def _detect_summary(res) -> None:
 
 @app.command()
 def video(
-    source: Annotated[str, typer.Argument(help="Video file, webcam (cam0, cam1 or 0), or rtsp:// rtmp:// http(s):// stream.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
+    source: Annotated[str, typer.Argument(
+            help="Video file, webcam (cam0, cam1 or 0), or rtsp:// rtmp:// http(s):// stream.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
+                                                                       "Default: the COCO model.")] = None,
     show: Annotated[bool, typer.Option("--show", help="Live window with boxes, ids and FPS (q or Esc quits).")] = False,
     save: Annotated[bool, typer.Option("--save", help="Write the annotated video (H.264 MP4) to the run folder.")] = False,
-    save_json: Annotated[bool, typer.Option("--save-json", help="Write one JSON line per processed frame (default when nothing else is asked for).")] = False,
+    save_json: Annotated[bool, typer.Option("--save-json", help="Write one JSON line per processed frame (default when nothing else is "
+                                                                "asked for).")] = False,
     track: Annotated[bool, typer.Option("--track", help="ByteTrack ids, stable across frames.")] = False,
-    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever the model makes them.")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a "
+                                                        "model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever "
+                                                        "the model makes them.")] = False,
     conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
-    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in predictions.json (repeat or comma-separate).")] = None,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in "
+                                                                           "predictions.json (repeat or comma-separate).")] = None,
     max_det: Annotated[int, typer.Option("--max-det", help="Most detections per frame.", min=1)] = 100,
-    imgsz: Annotated[Optional[int], typer.Option(help="Short side frames are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side frames are resized to (default: the size the model was trained at; 800 "
+                                                      "for the COCO models).", min=32)] = None,
     batch: Annotated[int, typer.Option(help="Consecutive frames per forward pass (files only).", min=1)] = 1,
     vid_stride: Annotated[int, typer.Option("--vid-stride", help="Process every N-th frame of a file.", min=1)] = 1,
-    every_frame: Annotated[bool, typer.Option("--every-frame", help="Live sources: process every frame (may lag) instead of the newest one.")] = False,
+    every_frame: Annotated[bool, typer.Option("--every-frame", help="Live sources: process every frame (may lag) instead of the newest "
+                                                                    "one.")] = False,
     reconnect: Annotated[bool, typer.Option("--reconnect/--no-reconnect", help="Reopen a dropped stream with exponential backoff.")] = True,
-    reconnect_timeout: Annotated[float, typer.Option("--reconnect-timeout", help="Give up after this many seconds without a frame.", min=0.0)] = 120.0,
+    reconnect_timeout: Annotated[float, typer.Option(
+            "--reconnect-timeout", help="Give up after this many seconds without a frame.", min=0.0)] = 120.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/video/expN, never overwritten).")] = None,
-    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
+                                                              "refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
@@ -332,8 +356,8 @@ def video(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ddetr_cli.files import claim_run_dir, next_run_dir
     from ddetr_cli.engine.video import VideoPipeline, VideoStats, parse_source
+    from ddetr_cli.files import claim_run_dir, next_run_dir
 
     quiet = quiet or as_json
     if not (show or save or save_json):
@@ -352,7 +376,8 @@ def video(
                    reconnect_timeout=reconnect_timeout, log=log)
     run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/video"))
     columns = (
-        [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+         TimeElapsedColumn(), TimeRemainingColumn()]
         if not live else [TextColumn("[bold]stream[/] {task.fields[status]}"), TimeElapsedColumn()]
     )
     progress = Progress(*columns, console=console, disable=quiet, transient=False)
@@ -401,18 +426,24 @@ def _video_summary(res) -> None:
 @app.command("eval")
 def eval_cmd(
     dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. Default: the COCO model.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="With 'coco': a folder holding val2017/ and annotations/instances_val2017.json (default: download once into the cache).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
+                                                                       "Default: the COCO model.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With 'coco': a folder holding val2017/ and "
+                                                                "annotations/instances_val2017.json (default: download once into the "
+                                                                "cache).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split to score (val, test, train, ...).")] = "val",
-    conf: Annotated[float, typer.Option(help="Score threshold. Default none: the reference scores the top --max-det per image.", min=0.0, max=1.0)] = 0.0,
+    conf: Annotated[float, typer.Option(
+            help="Score threshold. Default none: the reference scores the top --max-det per image.", min=0.0, max=1.0)] = 0.0,
     max_det: Annotated[int, typer.Option("--max-det", help="Detections kept per image (COCO scores at most 100).", min=1)] = 100,
-    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; 800 for the COCO models).", min=32)] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; "
+                                                      "800 for the COCO models).", min=32)] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/eval/expN, never overwritten).")] = None,
-    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is refused).")] = False,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
+                                                              "refused).")] = False,
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
@@ -432,8 +463,8 @@ def eval_cmd(
     """
     from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
     from ddetr_cli.data.datasets import load_dataset
-    from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.engine.evaluator import EvalError, evaluate
+    from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.files import claim_run_dir, next_run_dir
 
     show = not (quiet or as_json)
@@ -689,8 +720,8 @@ def weights_rm(name: str) -> None:
 @weights_app.command("info")
 def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights path.")]) -> None:
     """Show a model's variant, size and classes."""
-    from ddetr_cli.weights.store import resolve
     from ddetr_cli.weights.load import read_weights
+    from ddetr_cli.weights.store import resolve
 
     path = resolve(name)
     cfg, sd, layout = read_weights(path)

@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-
 ImageLike = Union[str, Path, np.ndarray, Image.Image]
 
 

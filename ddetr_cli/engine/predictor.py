@@ -23,8 +23,9 @@ from torch.nn import functional as F
 
 from ddetr_cli.data.images import ImageLike, read_image
 from ddetr_cli.data.transforms import preprocess
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.formats.labels import LabelTable
+from ddetr_cli.models.config import ModelConfig
+
 
 def select_detections(
     logits: torch.Tensor,
@@ -112,7 +113,8 @@ def postprocess(
         lab = labels[i][ok].cpu().numpy().astype(int)
         data: dict[str, Any] = {}
         if class_names is not None:
-            data["class_name"] = np.array([class_names[j] if j < len(class_names) and class_names[j] else str(j) for j in lab], dtype=object)
+            names = [class_names[j] if j < len(class_names) and class_names[j] else str(j) for j in lab]
+            data["class_name"] = np.array(names, dtype=object)
         seg = None
         if masks is not None:
             valid = ~pad_mask[i]
@@ -178,8 +180,8 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, **kw: Any) -> "Detector":
-        from ddetr_cli.weights.store import resolve
         from ddetr_cli.weights.load import load_model
+        from ddetr_cli.weights.store import resolve
 
         return cls(load_model(resolve(name_or_path)), **kw)
 

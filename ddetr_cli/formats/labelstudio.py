@@ -72,7 +72,8 @@ def image_url(path: str, root: str | os.PathLike | None = None, prefix: str | No
     try:
         rel = full.relative_to(base).as_posix()
     except ValueError:
-        how = "set --ls-root to a folder above it" if prefix else "set --ls-root (and LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) to a folder above it"
+        how = ("set --ls-root to a folder above it" if prefix
+               else "set --ls-root (and LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) to a folder above it")
         raise ImageURLError(f"image {path} is outside the Label Studio root {base}; {how}") from None
     if prefix:
         return prefix.rstrip("/") + "/" + urllib.parse.quote(rel, safe="/")

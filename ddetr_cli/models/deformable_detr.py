@@ -18,11 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddetr_cli.models.backbone import ResNet
-from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.fusion import optimize_for_inference
-from ddetr_cli.ops.msda import ms_deform_attn
+from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
 from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
+from ddetr_cli.ops.msda import ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):

@@ -58,7 +58,8 @@ def torch_load(p: Path) -> object:
             raise WeightsError(
                 f"refusing to load {p}: the pickle asks for code that weights-only loading does not allow ({code})"
             ) from None
-        raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch checkpoint ({lines[0] if lines else 'unpickling failed'})") from None
+        first = lines[0] if lines else "unpickling failed"
+        raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch checkpoint ({first})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch checkpoint ({msg})") from None

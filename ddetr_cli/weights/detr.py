@@ -14,8 +14,8 @@ import re
 
 import torch
 
-from ddetr_cli.models.backbone import RESNET_LAYOUTS
 from ddetr_cli.formats.labels import coco_class_names
+from ddetr_cli.models.backbone import RESNET_LAYOUTS
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.weights.common import WeightsError, hub_class_names, hub_to_own
 

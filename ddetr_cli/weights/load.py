@@ -23,8 +23,8 @@ import torch
 
 from ddetr_cli.files import atomic_path
 from ddetr_cli.formats.labels import coco_class_names
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.build import build_model
+from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.weights.common import (
     WeightsError,
     alias_groups,
@@ -49,7 +49,8 @@ def detect_layout(path: str | Path) -> str:
     if p.is_dir():
         if (p / "config.json").is_file() and ((p / "model.safetensors").is_file() or (p / "pytorch_model.bin").is_file()):
             return "hub"
-        raise WeightsError(f"{p} is a folder but not a transformers/hub model (needs config.json and model.safetensors or pytorch_model.bin)")
+        raise WeightsError(f"{p} is a folder but not a transformers/hub model (needs config.json and model.safetensors or "
+                           f"pytorch_model.bin)")
     if p.suffix == ".safetensors":
         meta = safetensors_metadata(p)
         if FORMAT_KEY in meta:

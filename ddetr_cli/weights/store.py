@@ -12,6 +12,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from ddetr_cli.assets import asset_dir
 from ddetr_cli.files import atomic_write_text, home
 

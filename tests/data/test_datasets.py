@@ -41,9 +41,13 @@ def _coco_split(root: Path, split: str, images: list[dict], annotations: list[di
 
 
 def _good_coco(root: Path) -> Path:
-    imgs = lambda: [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
-    anns = lambda: [{"image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8]},
-                    {"image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5]}]
+    def imgs():
+        return [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
+
+    def anns():
+        return [{"image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8]},
+                {"image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5]}]
+
     _coco_split(root, "train", imgs(), anns())
     _coco_split(root, "valid", imgs(), anns())
     return root
@@ -202,7 +206,9 @@ def test_val_is_carved_from_train_when_missing(tmp_path: Path) -> None:
     (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat]\n")
     train = load_dataset(tmp_path, "train", seed=0)
     val = load_dataset(tmp_path, "val", seed=0)
-    names = lambda ds: {r.path.name for r in ds.records}
+    def names(ds):
+        return {r.path.name for r in ds.records}
+
     assert len(val) == 2 and len(train) == 8
     assert not names(train) & names(val)
     assert names(train) | names(val) == {f"{i}.png" for i in range(10)}

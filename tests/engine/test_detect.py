@@ -97,7 +97,8 @@ def test_yolo_and_voc_round_trip(tmp_path, tiny_model_path):
 
     yolo = sv.DetectionDataset.from_yolo(images_directory_path=str(folder), annotations_directory_path=str(out / "labels"),
                                          data_yaml_path=str(out / "data.yaml"))
-    voc = sv.DetectionDataset.from_pascal_voc(images_directory_path=str(folder), annotations_directory_path=str(out / "voc" / "Annotations"))
+    voc = sv.DetectionDataset.from_pascal_voc(images_directory_path=str(folder),
+                                              annotations_directory_path=str(out / "voc" / "Annotations"))
     for ds, tol in ((yolo, 1.0), (voc, 1.5)):
         seen = 0
         for path, _, dets in ds:

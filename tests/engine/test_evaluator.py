@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import supervision as sv
-
 from coco_reference import cocoeval_stats
+
 from ddetr_cli.data import coco_val as coco_data
-from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.data.datasets import load_dataset
 from ddetr_cli.engine.evaluator import METRIC_NAMES, EvalError, coco_metrics, evaluate, ground_truth
+from ddetr_cli.formats.labels import LabelTable
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"

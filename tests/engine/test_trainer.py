@@ -18,10 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.data.datasets import load_dataset
-from ddetr_cli.models.losses import SetCriterion
-from ddetr_cli.models.deformable_detr import DeformableDETR
+from ddetr_cli.data.transforms import crop, hflip, resize_shape, scaled_sizes, train_transforms
 from ddetr_cli.engine.trainer import (
     DistInfo,
     TrainSet,
@@ -31,7 +29,9 @@ from ddetr_cli.engine.trainer import (
     finetune_command,
     param_groups,
 )
-from ddetr_cli.data.transforms import crop, hflip, resize_shape, scaled_sizes, train_transforms
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.deformable_detr import DeformableDETR
+from ddetr_cli.models.losses import SetCriterion
 from ddetr_cli.weights.load import load_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,13 +22,13 @@ import supervision as sv
 import torch
 from typer.testing import CliRunner
 
-from ddetr_cli.data import synth
 from ddetr_cli.cli.main import app
+from ddetr_cli.data import synth
+from ddetr_cli.data.sources import SourceError
+from ddetr_cli.engine.video import FrameBuffer, Tracker, VideoWriter, parse_source, run_video
 from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.deformable_detr import DeformableDETR
-from ddetr_cli.data.sources import SourceError
-from ddetr_cli.engine.video import FrameBuffer, Tracker, VideoWriter, parse_source, run_video
 from ddetr_cli.weights.load import save_model
 
 NAMES = ["circle", "square", "triangle", "cross", "ring"]

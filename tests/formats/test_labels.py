@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_reference import make_hf_model, save_hub
 from PIL import Image
 from typer.testing import CliRunner
 
 from ddetr_cli.cli.main import app
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.formats.labels import LabelTable
+from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.deformable_detr import DeformableDETR
 from ddetr_cli.weights.load import load_model, save_model
-
-from hf_reference import make_hf_model, save_hub
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,8 +209,8 @@ def test_finetune_on_non_contiguous_ids_then_detect_and_eval(tmp_path):
     assert pred["annotations"] and {a["category_id"] for a in pred["annotations"]} <= set(new_ids)
 
     from ddetr_cli.data.datasets import load_dataset
-    from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.engine.evaluator import match_classes
+    from ddetr_cli.engine.predictor import Detector
 
     mapping = match_classes(Detector.from_pretrained(best, device="cpu").labels, load_dataset(data, "valid"))
     assert mapping.mode == "id" and sorted(mapping.label_to_cat.values()) == new_ids

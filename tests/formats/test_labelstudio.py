@@ -298,9 +298,9 @@ def test_detect_import_round_trip(label_studio: Server, tmp_path, monkeypatch):
 
 def test_polygons_import(label_studio: Server, tmp_path):
     """Mask polygons (the --masks path) through the server: percent points read back unchanged."""
-    from ddetr_cli.formats.masks import instance_polygons
-
     import supervision as sv
+
+    from ddetr_cli.formats.masks import instance_polygons
 
     H, W = 60, 80
     mask = np.zeros((2, H, W), bool)

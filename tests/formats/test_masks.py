@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 import supervision as sv
-from pycocotools.coco import COCO
 from coco_reference import cocoeval_stats
+from pycocotools.coco import COCO
 
 from ddetr_cli.data import synth
-from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.data.datasets import load_dataset
 from ddetr_cli.engine.detect import run_detect
 from ddetr_cli.engine.evaluator import METRIC_NAMES, evaluate
+from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.formats.masks import MasksUnavailable, join_polygons, mask_to_polygons
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy-2 notice

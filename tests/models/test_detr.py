@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_reference import image_batch, make_hf_detr, save_hub
 from typer.testing import CliRunner
 
 from ddetr_cli.cli.main import app
-from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.engine.predictor import postprocess
-from ddetr_cli.models.losses import DETRCriterion
 from ddetr_cli.models.build import build_model
+from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.losses import DETRCriterion
 from ddetr_cli.weights.load import WeightsError, detect_layout, load_model, read_weights, save_model
-
-from hf_reference import image_batch, make_hf_detr, save_hub
 
 pytest.importorskip("transformers")
 TOL = 1e-4
@@ -337,8 +336,8 @@ def test_eval_reports_mask_ap_and_video_writes_polygons_with_a_mask_detr(tmp_pat
     from coco_reference import cocoeval_stats
 
     from ddetr_cli.data.datasets import load_dataset
-    from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.engine.evaluator import METRIC_NAMES, evaluate
+    from ddetr_cli.engine.predictor import Detector
     from ddetr_cli.engine.video import run_video
 
     det = Detector.from_pretrained(str(_tiny_detr(tmp_path / "m.safetensors", masks=True)), device="cpu", imgsz=96)

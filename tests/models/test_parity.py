@@ -7,11 +7,10 @@ import re
 
 import pytest
 import torch
+from hf_reference import VARIANT_FLAGS, image_batch, make_hf_model, save_hub
 
 from ddetr_cli.models.fusion import FastLinear, FusedConv2d
 from ddetr_cli.weights.load import WeightsError, detect_layout, load_model
-
-from hf_reference import VARIANT_FLAGS, image_batch, make_hf_model, save_hub
 
 pytest.importorskip("transformers")
 TOL = 1e-4

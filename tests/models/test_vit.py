@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ddetr_cli.engine.trainer import finetune, finetune_command, param_groups
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.deformable_detr import DeformableDETR
-from ddetr_cli.engine.trainer import finetune, finetune_command, param_groups
 from ddetr_cli.models.vit import PATCH, SimpleFeaturePyramid, VisionTransformer
-from ddetr_cli.weights.vit import load_timm_vit
 from ddetr_cli.weights.load import WeightsError, load_model, save_model
+from ddetr_cli.weights.vit import load_timm_vit
 
 timm = pytest.importorskip("timm")
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_reference import make_hf_model, save_hub
 from PIL import Image
 from typer.testing import CliRunner
 
 from ddetr_cli.cli.main import app
-
-from hf_reference import make_hf_model, save_hub
 
 runner = CliRunner()
 
@@ -36,8 +35,8 @@ def test_import_list_info_rm(tmp_path):
     r = runner.invoke(app, ["weights", "info", "mine"])
     assert r.exit_code == 0 and "box-refine" in r.stdout and "class3" in r.stdout
     # the imported copy is the project format and gives the same outputs
-    from ddetr_cli.weights.store import resolve
     from ddetr_cli.weights.load import detect_layout, load_model
+    from ddetr_cli.weights.store import resolve
 
     assert detect_layout(resolve("mine")) == "ddetr"
     a, b = load_model(resolve("mine")), load_model(tmp_path / "hub")
