@@ -459,7 +459,7 @@ def eval_cmd(
 
       ddetr eval coco --data /datasets/coco --max-images 500
 
-      ddetr eval ./mydata --model runs/finetune/exp/weights/best.safetensors --json
+      ddetr eval ./mydata --model runs/finetune/exp/best.safetensors --json
     """
     from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
     from ddetr_cli.data.datasets import load_dataset

@@ -96,17 +96,18 @@ def parse_source(source: str | int | Path) -> SourceSpec:
     return SourceSpec(str(p), "file", p.stem)
 
 
-def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = False) -> cv2.VideoCapture:
+def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = True) -> cv2.VideoCapture:
     """Open ``spec`` with OpenCV; a capture that is not opened is returned as is (caller checks).
 
     Network streams get open/read timeouts so a dead server fails a read instead of hanging.
-    ``quiet`` silences OpenCV's warning per failed open (reconnect attempts are logged once by us).
+    ``quiet`` silences OpenCV's own log lines ("[ERROR:0@5.6] ... Camera index out of range"):
+    the caller reports a failed open in one line of its own.
     """
     if quiet:
         level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(min(level, cv2.utils.logging.LOG_LEVEL_ERROR))
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         try:
-            return open_capture(spec, timeout_s)
+            return open_capture(spec, timeout_s, quiet=False)
         finally:
             cv2.utils.logging.setLogLevel(level)
     if spec.kind == "webcam":

@@ -219,3 +219,17 @@ def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path):
         # (a shell reports both as 130)
         assert p.returncode in (130, -signal.SIGINT), err
         assert "Traceback" not in err, err
+
+
+def test_opencv_log_lines_do_not_leak_into_errors(tmp_path):
+    r = ddetr("video", "cam7", "--model", "demo", "--out", str(tmp_path / "v"))
+    assert r.returncode != 0 and "cannot open webcam" in one_error_line(r)
+    assert "[ERROR" not in r.stderr and "[ WARN" not in r.stderr, r.stderr
+
+
+def test_help_examples_name_files_a_run_writes():
+    """The eval example's checkpoint path is where finetune puts it (run folder/best.safetensors,
+    as tests/engine/test_trainer.py checks)."""
+    r = ddetr("eval", "--help")
+    assert "runs/finetune/exp/best.safetensors" in r.stdout
+    assert "exp/weights/" not in r.stdout
