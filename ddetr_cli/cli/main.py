@@ -670,12 +670,18 @@ def weights_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
 
 
 @weights_app.command("pull")
-def weights_pull(name: Annotated[str, typer.Argument(help="A hub model name from `ddetr weights list`.")]) -> None:
+def weights_pull(
+    name: Annotated[str, typer.Argument(help="A hub model name from `ddetr weights list`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (plain JSON on stdout).")] = False,
+) -> None:
     """Download a hub model and convert it once to the project's format."""
     from ddetr_cli.weights.store import pull
 
     path = pull(name)
-    out.print(f"{name}: {path}")
+    if as_json:
+        _print_json({"name": name, "path": str(path)})
+    else:
+        out.print(f"{name}: {path}")
 
 
 @weights_app.command("import")
@@ -683,6 +689,7 @@ def weights_import(
     path: Annotated[Path, typer.Argument(help="Hub folder, official .pth, or .safetensors.")],
     name: Annotated[Optional[str], typer.Option(help="Name to register (default: the file's stem, made unique).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-point --name if it is already registered.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (plain JSON on stdout).")] = False,
 ) -> None:
     """Convert a local weights file to the project's format and register it by name.
 
@@ -701,11 +708,17 @@ def weights_import(
     dst = save_model(model, home() / "models" / f"{name}.safetensors", extra_meta={"source": f"import:{layout}"})
     register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout",
              force=force)
-    out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
+    if as_json:
+        _print_json({"name": name, "path": str(dst), "layout": layout, "source": str(path)})
+    else:
+        out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
 
 
 @weights_app.command("rm")
-def weights_rm(name: str) -> None:
+def weights_rm(
+    name: Annotated[str, typer.Argument(help="A registered name (bundled and hub names stay).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (plain JSON on stdout).")] = False,
+) -> None:
     """Forget a registered name (and delete its converted file in the ddetr cache)."""
     from ddetr_cli.files import home
     from ddetr_cli.weights.store import unregister
@@ -714,11 +727,17 @@ def weights_rm(name: str) -> None:
     p = Path(entry.path)
     if p.is_file() and home() in p.parents:
         p.unlink()
-    out.print(f"removed {name}")
+    if as_json:
+        _print_json({"removed": name, "path": entry.path})
+    else:
+        out.print(f"removed {name}")
 
 
 @weights_app.command("info")
-def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights path.")]) -> None:
+def weights_info(
+    name: Annotated[str, typer.Argument(help="A name or a weights path.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (plain JSON on stdout).")] = False,
+) -> None:
     """Show a model's variant, size and classes."""
     from ddetr_cli.weights.load import read_weights
     from ddetr_cli.weights.store import resolve
@@ -726,6 +745,13 @@ def weights_info(name: Annotated[str, typer.Argument(help="A name or a weights p
     path = resolve(name)
     cfg, sd, layout = read_weights(path)
     n_params = sum(t.numel() for t in sd.values())
+    if as_json:
+        labels = cfg.labels
+        _print_json({"path": str(path), "layout": layout, "variant": cfg.variant, "parameters": n_params,
+                     "backbone": cfg.backbone_label, "d_model": cfg.d_model, "queries": cfg.num_queries,
+                     "num_classes": cfg.num_classes, "imgsz": cfg.imgsz,
+                     "categories": [{"label": c.label, "id": c.id, "name": c.name} for c in labels]})
+        return
     t = Table(show_header=False, box=None)
     for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
                  ("backbone", cfg.backbone_label), ("d_model", cfg.d_model),
