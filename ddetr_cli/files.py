@@ -16,16 +16,35 @@ def home() -> Path:
     return Path(os.environ.get("DDETR_HOME", Path.home() / ".cache" / "ddetr"))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux), else by the
+    usual set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path in ``path``'s folder (same suffix, for writers that look at it) that
-    replaces ``path`` when the block ends without an error; removed otherwise."""
+    replaces ``path`` when the block ends without an error; removed otherwise.
+
+    The file ends with the mode a plain ``open(path, "w")`` would give it (0o666 less the umask),
+    not mkstemp's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -25,6 +25,7 @@ polygons. Problems that can be repaired are repaired and counted in a ``Report``
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
@@ -402,6 +403,9 @@ def _read_coco(root: Path, ann_file: Path) -> _Source:
         except (TypeError, ValueError):
             e.invalid += 1
             continue
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise DatasetError(f"{ann_file}: annotation {a.get('id')} (image {a.get('image_id')}) has a "
+                               f"non-finite bbox {bbox}")
         e.boxes.append([x, y, x + w, y + h])
         e.keys.append(a.get("category_id"))
         e.segments.append(coco_segmentation(a.get("segmentation")))
@@ -493,7 +497,7 @@ def _yolo_label_path(image: Path) -> Path:
 
 def _parse_yolo_label(path: Path, entry: _Entry) -> None:
     """Append boxes from one label file: 'class cx cy w h' or 'class x1 y1 x2 y2 ...' (polygon)."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -502,6 +506,8 @@ def _parse_yolo_label(path: Path, entry: _Entry) -> None:
         except ValueError:
             entry.invalid += 1
             continue
+        if not all(math.isfinite(v) for v in values):  # nan/inf would poison training, not be skipped
+            raise DatasetError(f"{path}:{lineno}: non-finite number in label line {line.strip()!r}")
         cls = values[0]
         seg: list = []
         if len(values) == 5:
@@ -626,6 +632,9 @@ def _read_voc(root: Path, ids: list[str] | None) -> _Source:
             except (AttributeError, TypeError, ValueError):
                 e.invalid += 1
                 continue
+            if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+                raise DatasetError(f"{xml_file}: object {(obj.findtext('name') or '').strip()!r} has a "
+                                   "non-finite bndbox")
             difficult += (obj.findtext("difficult") or "0").strip() == "1"
             e.boxes.append([xmin - 1, ymin - 1, xmax, ymax])
             e.keys.append((obj.findtext("name") or "").strip())

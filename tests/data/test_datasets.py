@@ -304,3 +304,45 @@ def test_to_coco_dict_evaluates_to_perfect_ap_against_itself(tmp_path: Path) -> 
     ev.accumulate()
     ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "NaN"])
+def test_yolo_non_finite_label_names_file_and_line(bad: str, tmp_path: Path) -> None:
+    _image(tmp_path / "images" / "train" / "a.png")
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train" / "a.txt").write_text(f"0 0.5 0.5 0.2 0.2\n\n1 0.5 {bad} 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat, dog]\n")
+    with pytest.raises(DatasetError, match=r"labels/train/a\.txt:3: non-finite"):
+        load_dataset(tmp_path, "train", val_fraction=0)
+
+
+def test_yolo_non_finite_class_is_refused(tmp_path: Path) -> None:
+    _image(tmp_path / "images" / "train" / "a.png")
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train" / "a.txt").write_text("nan 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat]\n")
+    with pytest.raises(DatasetError, match=r"a\.txt:1: non-finite"):
+        load_dataset(tmp_path, "train", val_fraction=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "nan", "-Infinity"])
+def test_coco_non_finite_bbox_names_the_file(bad: object, tmp_path: Path) -> None:
+    _coco_split(tmp_path, "train", [{"id": 1, "file_name": "a.png"}],
+                [{"image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8]},
+                 {"image_id": 1, "category_id": 2, "bbox": [2, bad, 10, 8]}])
+    with pytest.raises(DatasetError, match=r"train/_annotations\.coco\.json: annotation 2 .*non-finite"):
+        load_dataset(tmp_path, "train", val_fraction=0)
+
+
+def test_voc_non_finite_box_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "Annotations").mkdir()
+    _image(tmp_path / "JPEGImages" / "x.png")
+    (tmp_path / "Annotations" / "x.xml").write_text(
+        "<annotation><filename>x.png</filename><size><width>32</width><height>24</height></size>"
+        "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>nan</ymin><xmax>5</xmax><ymax>6</ymax>"
+        "</bndbox></object></annotation>")
+    with pytest.raises(DatasetError, match=r"x\.xml: object 'cat' has a non-finite bndbox"):
+        load_dataset(tmp_path, "train", val_fraction=0)

@@ -1,5 +1,6 @@
 """Fine-tuning: transforms, overfitting a batch, runs on the three dataset formats, exact resume
-after SIGKILL, a two-process gloo DDP run and one-line errors for bad input.
+after SIGKILL and after Ctrl-C (SIGINT), a two-process gloo DDP run, one-line errors for bad input
+and for a diverged run, the hooks' state in last.pt.
 
 Everything runs on CPU with a tiny model (ResNet-18, d_model 64, 1+1 layers, 20 queries).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -121,8 +123,12 @@ def test_finetune_each_format(fmt: str, tmp_path: Path) -> None:
                    workers=0, out=str(tmp_path), register=False, verbose=False)
     run = tmp_path / "exp"
     assert res.run_dir == run and res.finished
+    umask = os.umask(0o022)
+    os.umask(umask)
     for f in ("args.json", "last.pt", "last.safetensors", "best.safetensors", "results.csv", "progress.json"):
         assert (run / f).is_file(), f
+        assert stat.S_IMODE((run / f).stat().st_mode) == 0o666 & ~umask, f  # not mkstemp's 0600
+    assert not list(run.glob(".*")), "temporary files left behind"
     model = load_model(run / "best.safetensors")
     assert model.cfg.class_names == load_dataset(EXAMPLES / fmt, "train").class_names
     rows = (run / "results.csv").read_text().strip().splitlines()
@@ -163,13 +169,33 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
-    data = EXAMPLES / "coco"
-    extra = ("--epochs", "1", "--max-steps", "4", "--save-period", "2")
-    full = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", *_cli_args(data, tmp_path / "a", *extra)],
+EXACT = ("--epochs", "1", "--max-steps", "4")  # the runs the exactness tests compare
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """last.pt of a run of EXACT that nothing stopped (checkpoint periods do not change numbers)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    full = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", *_cli_args(EXAMPLES / "coco", out, *EXACT)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
+    return _state(out / "exp" / "last.pt")
 
+
+def _assert_same_run(a: dict, b: dict, k: int) -> None:
+    """b was stopped at step k and resumed: from k on it equals the uninterrupted a."""
+    assert b["resumed_from"] == [k] and b["finished"] and b["global_step"] == a["global_step"] == 4
+    la, lb = dict(map(tuple, a["step_log"])), dict(map(tuple, b["step_log"]))
+    for s in range(k + 1, 5):
+        assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])
+    for name, t in a["model"].items():
+        assert torch.allclose(t, b["model"][name], atol=1e-5), name
+    assert a["history"][-1]["AP"] == pytest.approx(b["history"][-1]["AP"], abs=1e-6)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path, uninterrupted: dict) -> None:
+    data = EXAMPLES / "coco"
+    extra = (*EXACT, "--save-period", "2")
     proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "finetune", *_cli_args(data, tmp_path / "b", *extra)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = tmp_path / "b" / "exp" / "progress.json"
@@ -192,19 +218,40 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     resumed = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(tmp_path / "b" / "exp"), "--quiet"],
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _state(tmp_path / "a" / "exp" / "last.pt"), _state(tmp_path / "b" / "exp" / "last.pt")
-    k = killed["global_step"]
-    assert b["resumed_from"] == [k] and b["finished"] and b["global_step"] == 4
-    la, lb = dict(map(tuple, a["step_log"])), dict(map(tuple, b["step_log"]))
-    for s in range(k + 1, 5):
-        assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])
-    for name, t in a["model"].items():
-        assert torch.allclose(t, b["model"][name], atol=1e-5), name
-    assert a["history"][-1]["AP"] == pytest.approx(b["history"][-1]["AP"], abs=1e-6)
+    _assert_same_run(uninterrupted, _state(tmp_path / "b" / "exp" / "last.pt"), killed["global_step"])
 
     again = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(tmp_path / "b" / "exp")],
                            env=ENV, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(tmp_path: Path, uninterrupted: dict) -> None:
+    """Ctrl-C (SIGINT to the process group, data workers included) early in epoch 1, long before
+    any periodic or epoch-end checkpoint: the run stops at the next step boundary, writes last.pt
+    there and says so; --resume then ends with the uninterrupted run's weights."""
+    run = tmp_path / "exp"
+    proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "finetune",
+                             *_cli_args(EXAMPLES / "coco", tmp_path, *EXACT, "--save-period", "0", "--workers", "1")],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (run / "args.json").exists():
+        time.sleep(0.01)
+    time.sleep(0.5)  # args.json is written just before the first step
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = _state(run / "last.pt")
+    k = state["global_step"]
+    assert 1 <= k < 4 and state["epoch"] == 0 and state["step_in_epoch"] == k and not state["finished"]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("stopping after")]
+    assert lines == [f"interrupted at step {k}, saved: continue with ddetr finetune --resume {run}"], err
+    assert not (run / "best.safetensors").exists() and not list(run.glob(".*"))
+
+    resumed = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(run), "--quiet"],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, _state(run / "last.pt"), k)
 
 
 # ------------------------------------------------------------------------------- DDP
@@ -276,6 +323,10 @@ def test_resume_with_larger_max_steps_continues(tmp_path: Path) -> None:
               register=False, verbose=False)
     first = finetune(EXAMPLES / "coco", max_steps=2, **kw)
     assert first.finished
+    state = torch.load(first.run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert set(state) == STATE_KEYS
+    del state["nonfinite_streak"]  # as written before the divergence guard: still resumes
+    torch.save(state, first.run_dir / "last.pt")
     again = finetune(resume=str(first.run_dir), out=str(tmp_path), max_steps=2, verbose=False)
     assert again.finished
     state = torch.load(first.run_dir / "last.pt", map_location="cpu", weights_only=False)
@@ -352,3 +403,73 @@ def test_finetune_flags_are_the_options_declared_once(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["run_dir"] == str(tmp_path / "exp") and Path(res["best"]).is_file() and res["epochs_done"] == 1
+
+
+# ------------------------------------------------------------------------------- divergence
+
+
+def test_diverged_run_fails_without_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """--lr 1e6: the loss goes non-finite; after NONFINITE_LIMIT skipped steps in a row the run
+    stops with one error line and exit 2, before any validation: no best.safetensors, nothing
+    registered."""
+    registry = pytest.importorskip("ddetr_cli.weights.store")
+    monkeypatch.setenv("DDETR_HOME", str(tmp_path / "home"))
+    code = finetune_command(str(EXAMPLES / "coco"), scratch=True, arch=ARCH, imgsz=IMGSZ, batch=2, epochs=2,
+                            workers=0, lr=1e6, out=str(tmp_path / "runs"), name="diverged", quiet=True)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: training diverged") and "lower --lr" in err[0], err
+    run = tmp_path / "runs" / "exp"
+    assert not (run / "best.safetensors").exists() and not (run / "last.safetensors").exists()
+    assert registry.get("diverged") is None
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True) if (run / "last.pt").exists() else None
+    assert state is None or not state["finished"]
+    from ddetr_cli.engine.trainer import NONFINITE_LIMIT
+
+    assert NONFINITE_LIMIT < 8  # 8 steps per epoch here: the streak limit stopped it inside epoch 1
+
+
+class _FakeTrainer:
+    def __init__(self) -> None:
+        self.global_step, self.step_finite, self.epoch_log = 0, True, {}
+
+    def step(self, finite: bool) -> None:
+        self.global_step += 1
+        self.step_finite = finite
+
+
+def test_nonfinite_guard_rules_and_state() -> None:
+    from ddetr_cli.engine.train.hooks import NonFiniteGuard
+    from ddetr_cli.engine.trainer import TrainingDiverged
+
+    g, t = NonFiniteGuard(limit=3), _FakeTrainer()
+    for finite in (False, False, True, False, False):  # a finite step resets the streak
+        t.step(finite)
+        g.after_step(t)
+    assert g.streak == 2 and g.skipped == 4
+    t.epoch_log = {"epoch": 1, "epoch_steps": 5}
+    g.after_epoch(t)  # 2 of 5 steps non-finite: not a diverged epoch
+    assert t.epoch_log["skipped"] == 4
+    fresh = NonFiniteGuard(limit=3)
+    fresh.load_state_dict(g.state_dict())  # resumed mid-streak: one more non-finite step stops it
+    t.step(False)
+    with pytest.raises(TrainingDiverged, match="steps 4-6"):
+        fresh.after_step(t)
+    g2 = NonFiniteGuard(limit=5)
+    g2.load_state_dict({})  # a last.pt from before the guard: no streak
+    t2 = _FakeTrainer()
+    for _ in range(2):
+        t2.step(False)
+        g2.after_step(t2)
+    t2.epoch_log = {"epoch": 1, "epoch_steps": 2}  # every step of the epoch non-finite
+    with pytest.raises(TrainingDiverged, match="every step of epoch 1"):
+        g2.after_epoch(t2)
+
+
+# the keys of last.pt (format version 1); nonfinite_streak is the only one added since, and is
+# optional on load
+STATE_KEYS = {"format", "version", "options", "model_config", "model", "ema", "ema_updates", "optimizer",
+              "scheduler", "scaler", "epoch", "step_in_epoch", "global_step", "best_ap", "best_epoch",
+              "bad_epochs", "history", "step_log", "sums", "epoch_time", "finished", "stop_reason",
+              "resumed_from", "rng", "world_size", "nonfinite_streak"}
