@@ -5,7 +5,8 @@ over textured backgrounds (smooth noise, gradients, stripes). Objects vary in sc
 occlude each other; every box is the tight box of the *visible* pixels of its shape, and objects
 less than ``MIN_VISIBLE`` visible are left out of the annotations. The COCO files also hold each
 object's visible pixels as ``segmentation`` polygons (``masks.mask_to_polygons``) with ``area``
-their pixel count; YOLO and VOC hold boxes only.
+their pixel count; YOLO and VOC hold boxes only. The files are written by the writers ``ddetr detect``
+uses (``formats.coco`` / ``yolo`` / ``voc``).
 
 Boxes use the pixel-edge convention: a shape covering columns ``a..b`` has ``x1 = a``, ``x2 = b + 1``.
 
