@@ -1,2 +1,2 @@
-"""Input data: datasets (COCO / YOLO / VOC folders), training transforms, image and stream
-sources, the synthetic generator and the COCO val download."""
+"""Input data: datasets (COCO / YOLO / VOC folders, parsed by ``formats``), training transforms,
+image and stream sources, the synthetic generator and the COCO val download."""

@@ -1,19 +1,8 @@
 """Read a detection dataset in COCO, YOLO or Pascal VOC layout into one in-memory form.
 
-Layouts understood:
-
-- COCO, roboflow style: ``<split>/_annotations.coco.json`` with the images beside it
-  (``train/``, ``valid/`` or ``val/``, ``test/``); classic style:
-  ``annotations/instances_<split>[2017].json`` with images in ``<split>[2017]/``,
-  ``images/<split>[2017]/`` or ``images/``.
-- YOLO: ``data.yaml`` (or ``dataset.yaml``) whose ``train``/``val``/``test`` name image folders
-  (or ``.txt`` lists); labels are found by swapping the last ``images`` folder for ``labels``.
-  The roboflow variant ``<split>/images`` + ``<split>/labels`` works too; ``names`` may be a list
-  or a dict ``{id: name}``.
-- Pascal VOC: ``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``; the class
-  order comes from ``labels.txt``/``classes.txt``/``labelmap.txt`` when present, else the sorted
-  object names. Boxes follow the devkit convention (``xmin``/``ymin`` 1-based, ``xmax``/``ymax``
-  the last pixel), so ``x1 = xmin - 1`` and ``x2 = xmax``.
+The formats are parsed by ``formats.coco``, ``formats.yolo`` and ``formats.voc`` (layouts they
+understand: their docstrings) into a neutral ``formats.annotations.Source``; this module finds
+the format and the split, carves a validation split when there is none, and builds the records.
 
 Every box comes out as absolute ``xyxy`` pixels (pixel-edge convention, ``0 <= x1 < x2 <= W``)
 with a contiguous 0-based label. Instance masks are kept as COCO segmentations beside the boxes
@@ -24,9 +13,6 @@ polygons. Problems that can be repaired are repaired and counted in a ``Report``
 
 from __future__ import annotations
 
-import json
-import math
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,27 +22,18 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ddetr_cli.formats.annotations import DatasetError, Entry, canonical_split
+from ddetr_cli.formats.coco import ROBOFLOW_JSON, coco_splits, read_coco
 from ddetr_cli.formats.labels import LabelTable
+from ddetr_cli.formats.voc import is_voc, read_voc, voc_splits
+from ddetr_cli.formats.yolo import read_yolo, yolo_splits, yolo_yaml
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FORMATS = ("coco", "yolo", "voc")
 _FORMAT_ALIASES = {"coco": "coco", "yolo": "yolo", "voc": "voc", "pascal_voc": "voc",
                    "pascal-voc": "voc", "pascalvoc": "voc"}
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val", "test": "test", "testing": "test"}
-_YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml", "dataset.yml")
-_VOC_CLASS_FILES = ("labels.txt", "classes.txt", "labelmap.txt")
-_ROBOFLOW_JSON = "_annotations.coco.json"
+# format -> (split -> locator, read one split's locator)
+_READERS = {"coco": (coco_splits, read_coco), "yolo": (yolo_splits, read_yolo), "voc": (voc_splits, read_voc)}
 _SHOW = 5  # how many file names a message lists
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message is one line naming the file at fault."""
-
-
-def canonical_split(name: str) -> str:
-    """'valid'/'validation' -> 'val', 'training' -> 'train', ...; other names unchanged."""
-    return _SPLIT_ALIASES.get(name.lower(), name)
 
 
 # --------------------------------------------------------------------------- data types
@@ -188,37 +165,6 @@ class Dataset:
                 "categories": categories}
 
 
-@dataclass
-class _Entry:
-    """An image as listed by the annotations, before files are checked.
-
-    boxes: (K, 4) xyxy, absolute pixels or (when `normalized`) fractions of the image size.
-    keys: (K,) category keys (COCO/YOLO id or VOC name).
-    segments: (K,) COCO segmentations ([] = none), scaled like the boxes.
-    """
-
-    path: Path
-    image_id: int
-    width: int | None
-    height: int | None
-    boxes: list[list[float]] = field(default_factory=list)
-    keys: list[Any] = field(default_factory=list)
-    segments: list[Any] = field(default_factory=list)
-    normalized: bool = False
-    invalid: int = 0
-
-
-@dataclass
-class _Source:
-    """A parsed split: class list, mapping from category key to label, listed images."""
-
-    class_names: list[str]
-    category_ids: list[int]
-    key_to_label: dict[Any, int]
-    entries: list[_Entry]
-    notes: list[str] = field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -239,20 +185,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         return img.shape[1], img.shape[0]
 
 
-def _positive_int(value: Any) -> int | None:
-    try:
-        v = int(float(value))
-    except (TypeError, ValueError):
-        return None
-    return v if v > 0 else None
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file())
-
-
-def _build(entries: list[_Entry], key_to_label: dict[Any, int], report: Report) -> list[Record]:
+def _build(entries: list[Entry], key_to_label: dict[Any, int], report: Report) -> list[Record]:
     """Check files, fill missing sizes, map categories, clip/drop boxes; update `report`."""
     records = []
     for e in entries:
@@ -299,352 +232,6 @@ def _build(entries: list[_Entry], key_to_label: dict[Any, int], report: Report) 
     return records
 
 
-# --------------------------------------------------------------------------- COCO
-
-
-def coco_splits(root: Path) -> dict[str, Path]:
-    """split -> annotation JSON, for the roboflow and the classic layout."""
-    splits: dict[str, Path] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (d / _ROBOFLOW_JSON).is_file():
-            splits.setdefault(canonical_split(d.name), d / _ROBOFLOW_JSON)
-    ann = root / "annotations"
-    if ann.is_dir():
-        for f in sorted(ann.glob("instances_*.json")):
-            name = f.stem[len("instances_"):].rstrip("0123456789") or f.stem
-            splits.setdefault(canonical_split(name), f)
-    return splits
-
-
-def _coco_image_dir(root: Path, ann_file: Path) -> Path:
-    """Folder that file_name is relative to."""
-    if ann_file.name == _ROBOFLOW_JSON:
-        return ann_file.parent
-    stem = ann_file.stem[len("instances_"):]  # e.g. val2017
-    bare = stem.rstrip("0123456789")
-    for cand in (root / stem, root / "images" / stem, root / bare, root / "images" / bare,
-                 root / "images"):
-        if cand.is_dir():
-            return cand
-    return root
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def coco_segmentation(seg: Any) -> Any:
-    """A COCO ``segmentation`` as written when it is well formed (polygons with >= 3 points, or
-    an RLE dict with ``counts`` and ``size``); ``[]`` otherwise (the box is still used)."""
-    if isinstance(seg, dict):
-        size = seg.get("size")
-        ok = isinstance(seg.get("counts"), (str, list)) and isinstance(size, list) and len(size) == 2
-        return seg if ok else []
-    if isinstance(seg, list):
-        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                 and all(isinstance(v, (int, float)) for v in p)]
-        return polys
-    return []
-
-
-def _read_coco(root: Path, ann_file: Path) -> _Source:
-    data = _read_json(ann_file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{ann_file}: not a COCO annotation file (no 'images' list)")
-    anns = data.get("annotations") or []
-    cats = [c for c in data.get("categories") or [] if isinstance(c, dict)]
-    try:
-        cats = sorted(cats, key=lambda c: int(c["id"]))
-        for c in cats:
-            c["name"] = str(c["name"])
-    except (KeyError, TypeError, ValueError):
-        raise DatasetError(f"{ann_file}: every category needs an integer 'id' and a 'name'") from None
-    if not cats and anns:
-        raise DatasetError(f"{ann_file}: has annotations but no 'categories'")
-    used = {a.get("category_id") for a in anns if isinstance(a, dict)}
-    notes = []
-    # Roboflow exports add an unused parent category (often id 0) named as the others' supercategory.
-    parents = {c.get("supercategory") for c in cats if c.get("supercategory") != c["name"]}
-    dropped = [c for c in cats if c["name"] in parents and int(c["id"]) not in used]
-    if dropped and len(dropped) < len(cats):
-        cats = [c for c in cats if c not in dropped]
-        notes.append("ignored unused parent categor" + ("y " if len(dropped) == 1 else "ies ")
-                     + ", ".join(repr(c["name"]) for c in dropped))
-    key_to_label = {int(c["id"]): i for i, c in enumerate(cats)}
-    image_dir = _coco_image_dir(root, ann_file)
-    entries: dict[int, _Entry] = {}
-    for img in data["images"]:
-        try:
-            image_id, file_name = int(img["id"]), str(img["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise DatasetError(f"{ann_file}: every image needs an 'id' and a 'file_name'") from None
-        if image_id in entries:
-            raise DatasetError(f"{ann_file}: image id {image_id} is used twice")
-        entries[image_id] = _Entry(path=image_dir / file_name, image_id=image_id,
-                                   width=_positive_int(img.get("width")),
-                                   height=_positive_int(img.get("height")))
-    orphans = crowd = 0
-    for a in anns:
-        e = entries.get(a.get("image_id")) if isinstance(a, dict) else None
-        if e is None:
-            orphans += 1
-            continue
-        if a.get("iscrowd"):
-            crowd += 1
-            continue
-        bbox = a.get("bbox")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            e.invalid += 1
-            continue
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
-            raise DatasetError(f"{ann_file}: annotation {a.get('id')} (image {a.get('image_id')}) has a "
-                               f"non-finite bbox {bbox}")
-        e.boxes.append([x, y, x + w, y + h])
-        e.keys.append(a.get("category_id"))
-        e.segments.append(coco_segmentation(a.get("segmentation")))
-    if orphans:
-        notes.append(f"ignored {orphans} annotations whose image_id is not in 'images'")
-    if crowd:
-        notes.append(f"ignored {crowd} crowd (iscrowd=1) annotations")
-    return _Source(class_names=[c["name"] for c in cats], category_ids=[int(c["id"]) for c in cats],
-                   key_to_label=key_to_label, entries=list(entries.values()), notes=notes)
-
-
-# --------------------------------------------------------------------------- YOLO
-
-
-def _yolo_yaml(root: Path) -> Path | None:
-    return next((root / n for n in _YAML_NAMES if (root / n).is_file()), None)
-
-
-def _load_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"{path}: not valid YAML ({reason})") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a mapping with 'names' and 'train'/'val' keys")
-    return data
-
-
-def _yolo_names(yaml_file: Path, data: dict) -> tuple[list[str], list[int]]:
-    """Class names and their YOLO ids, from `names` (list or dict) or `nc`."""
-    names = data.get("names")
-    if isinstance(names, list):
-        return [str(n) for n in names], list(range(len(names)))
-    if isinstance(names, dict):
-        try:
-            ids = sorted(int(k) for k in names)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{yaml_file}: 'names' keys must be class ids (0, 1, ...)") from None
-        lookup = {int(k): str(v) for k, v in names.items()}
-        return [lookup[i] for i in ids], ids
-    nc = _positive_int(data.get("nc"))
-    if nc:
-        return [str(i) for i in range(nc)], list(range(nc))
-    raise DatasetError(f"{yaml_file}: no class 'names' (a list or a dict of id: name)")
-
-
-def _yolo_splits(root: Path) -> dict[str, list[Path]]:
-    """split -> image folders or .txt image lists."""
-    yaml_file = _yolo_yaml(root)
-    data = _load_yaml(yaml_file) if yaml_file else {}
-    base = root
-    if isinstance(data.get("path"), str) and data["path"].strip():
-        p = Path(data["path"])
-        p = p if p.is_absolute() else root / p
-        base = p if p.is_dir() else root
-    splits: dict[str, list[Path]] = {}
-    for key in ("train", "val", "valid", "test"):
-        value = data.get(key)
-        values = value if isinstance(value, list) else [value] if value else []
-        found = []
-        for v in values:
-            v = str(v)
-            rel = Path(v.lstrip("./")) if v.startswith("../") else Path(v)
-            for cand in (base / v, root / v, root / rel):  # roboflow writes '../train/images'
-                if cand.exists():
-                    found.append(cand)
-                    break
-        if found:
-            splits.setdefault(canonical_split(key), found)
-    # Conventional folders, also when data.yaml's paths point elsewhere.
-    for d in sorted(p for p in (root / "images").glob("*") if p.is_dir()):
-        splits.setdefault(canonical_split(d.name), [d])
-    for d in sorted(p for p in root.iterdir() if (p / "images").is_dir()):
-        splits.setdefault(canonical_split(d.name), [d / "images"])
-    return splits
-
-
-def _yolo_label_path(image: Path) -> Path:
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
-
-
-def _parse_yolo_label(path: Path, entry: _Entry) -> None:
-    """Append boxes from one label file: 'class cx cy w h' or 'class x1 y1 x2 y2 ...' (polygon)."""
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            values = [float(v) for v in parts]
-        except ValueError:
-            entry.invalid += 1
-            continue
-        if not all(math.isfinite(v) for v in values):  # nan/inf would poison training, not be skipped
-            raise DatasetError(f"{path}:{lineno}: non-finite number in label line {line.strip()!r}")
-        cls = values[0]
-        seg: list = []
-        if len(values) == 5:
-            cx, cy, w, h = values[1:]
-            box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-        elif len(values) >= 7 and len(values) % 2 == 1:
-            xs, ys = values[1::2], values[2::2]
-            box = [min(xs), min(ys), max(xs), max(ys)]
-            seg = [values[1:]]  # normalised; scaled to pixels with the box
-        else:
-            entry.invalid += 1
-            continue
-        entry.boxes.append(box)
-        entry.segments.append(seg)
-        entry.keys.append(int(cls) if cls == int(cls) else cls)
-
-
-def _read_yolo(root: Path, sources: list[Path]) -> _Source:
-    yaml_file = _yolo_yaml(root)
-    if yaml_file is None:
-        raise DatasetError(f"{root}: no {' or '.join(_YAML_NAMES[:2])} with the class names")
-    names, ids = _yolo_names(yaml_file, _load_yaml(yaml_file))
-    images: list[Path] = []
-    for src in sources:
-        if src.is_dir():
-            images += _list_images(src)
-        else:  # a .txt list of image paths, relative to its own folder
-            for line in src.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    p = Path(line.strip())
-                    images.append(p if p.is_absolute() else src.parent / p)
-    entries, no_label = [], 0
-    for i, img in enumerate(images, start=1):
-        e = _Entry(path=img, image_id=i, width=None, height=None, normalized=True)
-        label = _yolo_label_path(img)
-        if label.is_file():
-            _parse_yolo_label(label, e)
-        else:
-            no_label += 1
-        entries.append(e)
-    notes = [f"{no_label} images have no label file (read as background)"] if no_label else []
-    return _Source(class_names=names, category_ids=ids,
-                   key_to_label={k: i for i, k in enumerate(ids)}, entries=entries, notes=notes)
-
-
-# --------------------------------------------------------------------------- Pascal VOC
-
-
-def _voc_splits(root: Path) -> dict[str, list[str] | None]:
-    """split -> image ids (None: every file in Annotations/, when there are no ImageSets)."""
-    main = root / "ImageSets" / "Main"
-    files = sorted(p for p in main.glob("*.txt") if "_" not in p.stem) if main.is_dir() else []
-    if not files:
-        return {"train": None}
-    splits: dict[str, list[str] | None] = {}
-    for f in files:
-        ids = [line.split()[0] for line in f.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-        splits.setdefault(canonical_split(f.stem), ids)
-    return splits
-
-
-def _parse_xml(path: Path) -> ET.Element:
-    try:
-        return ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise DatasetError(f"{path}: not valid XML ({e})") from None
-
-
-def _voc_class_names(root: Path) -> list[str] | None:
-    """Class order from labels.txt / classes.txt / CVAT's labelmap.txt, if one exists."""
-    for name in _VOC_CLASS_FILES:
-        f = root / name
-        if f.is_file():
-            out = []
-            for line in f.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out.append(line.split(":")[0] if name == "labelmap.txt" else line)
-            return [n for n in out if n != "background"]
-    return None
-
-
-def _voc_image(root: Path, xml: ET.Element, image_id: str) -> Path:
-    folder = root / "JPEGImages"
-    name = (xml.findtext("filename") or "").strip()
-    if name and (folder / name).is_file():
-        return folder / name
-    for ext in IMAGE_EXTENSIONS:
-        if (folder / (image_id + ext)).is_file():
-            return folder / (image_id + ext)
-    return folder / (name or image_id + ".jpg")
-
-
-def _read_voc(root: Path, ids: list[str] | None) -> _Source:
-    ann_dir = root / "Annotations"
-    if ids is None:
-        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
-    names = _voc_class_names(root)
-    notes = []
-    if names is None:
-        found = {(o.findtext("name") or "").strip() for f in sorted(ann_dir.glob("*.xml"))
-                 for o in _parse_xml(f).iter("object")}
-        names = sorted(n for n in found if n)
-        notes.append("class order: sorted object names (no labels.txt)")
-    entries, difficult = [], 0
-    for i, image_id in enumerate(ids, start=1):
-        xml_file = ann_dir / f"{image_id}.xml"
-        if not xml_file.is_file():  # an entry whose path cannot exist: counted as missing
-            entries.append(_Entry(path=xml_file, image_id=i, width=None, height=None))
-            continue
-        xml = _parse_xml(xml_file)
-        size = xml.find("size")
-        e = _Entry(path=_voc_image(root, xml, image_id), image_id=i,
-                   width=_positive_int(size.findtext("width")) if size is not None else None,
-                   height=_positive_int(size.findtext("height")) if size is not None else None)
-        for obj in xml.iter("object"):
-            bb = obj.find("bndbox")
-            try:
-                xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in
-                                          ("xmin", "ymin", "xmax", "ymax"))
-            except (AttributeError, TypeError, ValueError):
-                e.invalid += 1
-                continue
-            if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
-                raise DatasetError(f"{xml_file}: object {(obj.findtext('name') or '').strip()!r} has a "
-                                   "non-finite bndbox")
-            difficult += (obj.findtext("difficult") or "0").strip() == "1"
-            e.boxes.append([xmin - 1, ymin - 1, xmax, ymax])
-            e.keys.append((obj.findtext("name") or "").strip())
-        entries.append(e)
-    if difficult:
-        notes.append(f"kept {difficult} boxes marked difficult")
-    return _Source(class_names=names, category_ids=list(range(len(names))),
-                   key_to_label={n: i for i, n in enumerate(names)}, entries=entries, notes=notes)
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -657,29 +244,16 @@ def detect_format(root: Path) -> str:
         raise DatasetError(f"{root} is not a folder; give the dataset's root folder")
     if coco_splits(root):
         return "coco"
-    if _yolo_yaml(root):
+    if yolo_yaml(root):
         return "yolo"
-    if (root / "Annotations").is_dir():
+    if is_voc(root):
         return "voc"
-    if (root / _ROBOFLOW_JSON).is_file():
+    if (root / ROBOFLOW_JSON).is_file():
         raise DatasetError(f"{root} holds one COCO split; give its parent folder (the dataset root)")
     raise DatasetError(
-        f"{root}: unknown dataset format; expected COCO (train/{_ROBOFLOW_JSON} or "
+        f"{root}: unknown dataset format; expected COCO (train/{ROBOFLOW_JSON} or "
         "annotations/instances_train.json), YOLO (data.yaml with images/ and labels/) "
         "or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/)")
-
-
-def _split_table(root: Path, fmt: str) -> dict[str, Any]:
-    if fmt == "coco":
-        return coco_splits(root)
-    if fmt == "yolo":
-        return _yolo_splits(root)
-    return _voc_splits(root)
-
-
-def _read(root: Path, fmt: str, locator: Any) -> _Source:
-    reader = {"coco": _read_coco, "yolo": _read_yolo, "voc": _read_voc}[fmt]
-    return reader(root, locator)
 
 
 def _carve(n: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -708,7 +282,8 @@ def load_dataset(root: Path, split: str = "train", format: str | None = None, *,
             raise DatasetError(f"unknown dataset format {format!r}; expected coco, yolo or voc")
         if not root.is_dir():
             raise DatasetError(f"dataset folder {root} does not exist")
-    splits = _split_table(root, fmt)
+    find_splits, read = _READERS[fmt]
+    splits = find_splits(root)
     want = canonical_split(split)
     report = Report()
     carve = None
@@ -721,7 +296,7 @@ def load_dataset(root: Path, split: str = "train", format: str | None = None, *,
     else:
         have = ", ".join(splits) or "none"
         raise DatasetError(f"{root}: no split {split!r} in this {fmt} dataset (splits found: {have})")
-    source = _read(root, fmt, locator)
+    source = read(root, locator)
     entries = source.entries
     if carve:
         to_val = _carve(len(entries), val_fraction, seed)

@@ -5,7 +5,8 @@ over textured backgrounds (smooth noise, gradients, stripes). Objects vary in sc
 occlude each other; every box is the tight box of the *visible* pixels of its shape, and objects
 less than ``MIN_VISIBLE`` visible are left out of the annotations. The COCO files also hold each
 object's visible pixels as ``segmentation`` polygons (``masks.mask_to_polygons``) with ``area``
-their pixel count; YOLO and VOC hold boxes only.
+their pixel count; YOLO and VOC hold boxes only. The files are written by the writers ``ddetr detect``
+uses (``formats.coco`` / ``yolo`` / ``voc``).
 
 Boxes use the pixel-edge convention: a shape covering columns ``a..b`` has ``x1 = a``, ``x2 = b + 1``.
 
@@ -23,14 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
 
+from ddetr_cli.formats.annotations import Instances, names_txt
+from ddetr_cli.formats.coco import CocoWriter
+from ddetr_cli.formats.labels import Category, LabelTable
 from ddetr_cli.formats.masks import mask_area, mask_to_polygons
+from ddetr_cli.formats.voc import voc_image_set, voc_xml
+from ddetr_cli.formats.yolo import yolo_data_yaml, yolo_lines
 
 CLASS_NAMES: list[str] = ["circle", "square", "triangle", "cross", "ring"]
 
@@ -239,88 +244,18 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-# --------------------------------------------------------------------------- writers
+# --------------------------------------------------------------------------- writing
+
+_INFO = {"description": "ddetr synthetic shapes", "version": "1.0"}
+_YAML_COMMENTS = ("Synthetic shapes written by ddetr_cli.data.synth.",
+                  "No 'path' key on purpose: tools then resolve the split folders relative to",
+                  "this file's folder ('path: .' would mean the current directory to ultralytics).")
 
 
-def _coco_dict(items: list[dict]) -> dict:
-    """COCO ground truth for one split (categories from id 1, in CLASS_NAMES order)."""
-    images, annotations = [], []
-    for image_id, it in enumerate(items, start=1):
-        images.append({"id": image_id, "file_name": it["file_name"],
-                       "width": it["width"], "height": it["height"]})
-        for box, label, mask in zip(it["boxes"], it["labels"], it["masks"]):
-            x1, y1, x2, y2 = (int(v) for v in box)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": mask_area(mask),
-                "iscrowd": 0, "segmentation": mask_to_polygons(mask),
-            })
-    return {
-        "info": {"description": "ddetr synthetic shapes", "version": "1.0"},
-        "licenses": [],
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                       for i, n in enumerate(CLASS_NAMES)],
-        "images": images,
-        "annotations": annotations,
-    }
-
-
-def _dump_coco(data: dict) -> str:
-    """COCO JSON with one image / annotation / category per line: readable and diff-friendly,
-    without spending a line on every polygon coordinate."""
-    parts = []
-    for key, value in data.items():
-        if isinstance(value, list) and value:
-            rows = ",\n".join("  " + json.dumps(v) for v in value)
-            parts.append(f" {json.dumps(key)}: [\n{rows}\n ]")
-        else:
-            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def _yolo_lines(it: dict) -> str:
-    """YOLO label text for one image: 'class cx cy w h' per line, normalised."""
-    w, h = it["width"], it["height"]
-    lines = []
-    for (x1, y1, x2, y2), label in zip(it["boxes"], it["labels"]):
-        lines.append(f"{int(label)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-                     f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
-    return "".join(line + "\n" for line in lines)
-
-
-def _voc_xml(it: dict) -> str:
-    """Pascal VOC XML for one image (devkit convention: xmin/ymin 1-based, xmax/ymax = far edge)."""
-    objs = []
-    for (x1, y1, x2, y2), label in zip(it["boxes"], it["labels"]):
-        objs.append(
-            "  <object>\n"
-            f"    <name>{escape(CLASS_NAMES[int(label)])}</name>\n"
-            "    <pose>Unspecified</pose>\n    <truncated>0</truncated>\n"
-            "    <difficult>0</difficult>\n"
-            "    <bndbox>\n"
-            f"      <xmin>{int(x1) + 1}</xmin>\n      <ymin>{int(y1) + 1}</ymin>\n"
-            f"      <xmax>{int(x2)}</xmax>\n      <ymax>{int(y2)}</ymax>\n"
-            "    </bndbox>\n  </object>\n")
-    return ("<annotation>\n  <folder>JPEGImages</folder>\n"
-            f"  <filename>{escape(it['file_name'])}</filename>\n"
-            "  <source><database>ddetr synthetic shapes</database></source>\n"
-            f"  <size>\n    <width>{it['width']}</width>\n    <height>{it['height']}</height>\n"
-            "    <depth>3</depth>\n  </size>\n  <segmented>0</segmented>\n"
-            + "".join(objs) + "</annotation>\n")
-
-
-def _yolo_yaml(splits: list[str]) -> str:
-    """data.yaml text; train/val/test folders are relative to the yaml's own folder."""
-    lines = ["# Synthetic shapes written by ddetr_cli.data.synth.",
-             "# No 'path' key on purpose: tools then resolve the split folders relative to",
-             "# this file's folder ('path: .' would mean the current directory to ultralytics).",
-             "train: images/train",
-             "val: images/val"]
-    lines.append("test: images/test" if "test" in splits else "test:")
-    lines.append(f"nc: {len(CLASS_NAMES)}")
-    lines.append("names:")
-    lines += [f"  - {n}" for n in CLASS_NAMES]
-    return "\n".join(lines) + "\n"
+def label_table() -> LabelTable:
+    """CLASS_NAMES as categories 1..5 (COCO), YOLO classes 0..4, supercategory "shape"."""
+    return LabelTable([Category(label=i, id=i + 1, name=n, yolo=i, supercategory="shape")
+                       for i, n in enumerate(CLASS_NAMES)], len(CLASS_NAMES))
 
 
 def _write(path: Path, data: bytes | str) -> None:
@@ -351,36 +286,43 @@ def generate(out: Path, *, n_train: int, n_val: int, n_test: int = 0,
     counts = {"train": n_train, "val": n_val, "test": n_test}
     splits = [s for s in ("train", "val", "test") if counts[s] > 0]
     n_boxes = 0
+    table = label_table()
     for split in splits:
         items = []
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
             image, boxes, labels, masks = render_scene_masks(rng, width, height)
-            items.append({"file_name": f"{split}_{i:05d}.jpg", "width": width, "height": height,
-                          "boxes": boxes, "labels": labels, "masks": masks, "jpeg": _encode_jpeg(image)})
+            # integer boxes: the pixel grid (COCO writes them as integers); areas: visible pixels
+            polygons = [mask_to_polygons(m) for m in masks] if "coco" in formats else None
+            objects = Instances(boxes=boxes.astype(np.int64), labels=labels, polygons=polygons,
+                                areas=[mask_area(m) for m in masks])
+            items.append({"file_name": f"{split}_{i:05d}.jpg", "objects": objects, "jpeg": _encode_jpeg(image)})
             n_boxes += len(boxes)
         if "coco" in formats:
             d = out / "coco" / _SPLIT_DIRS[split]["coco"]
+            coco = CocoWriter(table)
             for it in items:
                 _write(d / it["file_name"], it["jpeg"])
-            _write(d / "_annotations.coco.json", _dump_coco(_coco_dict(items)))
+                coco.add(it["file_name"], width, height, it["objects"])
+            _write(d / "_annotations.coco.json", coco.dumps(_INFO, readable=True))
         if "yolo" in formats:
             d = out / "yolo"
-            for it in items:
+            for it in items:  # boxes only: YOLO detection labels
                 _write(d / "images" / split / it["file_name"], it["jpeg"])
                 _write(d / "labels" / split / (Path(it["file_name"]).stem + ".txt"),
-                       _yolo_lines(it))
+                       yolo_lines(replace(it["objects"], polygons=None), width, height, table))
         if "voc" in formats:
             d = out / "voc"
             for it in items:
                 _write(d / "JPEGImages" / it["file_name"], it["jpeg"])
-                _write(d / "Annotations" / (Path(it["file_name"]).stem + ".xml"), _voc_xml(it))
-            ids = "".join(Path(it["file_name"]).stem + "\n" for it in items)
-            _write(d / "ImageSets" / "Main" / f"{split}.txt", ids)
+                _write(d / "Annotations" / (Path(it["file_name"]).stem + ".xml"),
+                       voc_xml(it["file_name"], width, height, it["objects"], table, database=_INFO["description"]))
+            _write(d / "ImageSets" / "Main" / f"{split}.txt", voc_image_set(Path(it["file_name"]).stem for it in items))
     if "yolo" in formats:
-        _write(out / "yolo" / "data.yaml", _yolo_yaml(splits))
+        yolo_splits = {"train": "images/train", "val": "images/val", "test": "images/test" if "test" in splits else None}
+        _write(out / "yolo" / "data.yaml", yolo_data_yaml(table, yolo_splits, comments=_YAML_COMMENTS, names_list=True))
     if "voc" in formats:  # VOC has no class list of its own; keep the class order explicit
-        _write(out / "voc" / "labels.txt", "".join(n + "\n" for n in CLASS_NAMES))
+        _write(out / "voc" / "labels.txt", names_txt(table))
     return {"root": str(out), "formats": list(formats),
             "splits": {s: counts[s] for s in splits}, "boxes": n_boxes,
             "paths": {f: str(out / f) for f in formats}}

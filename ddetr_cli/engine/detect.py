@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -20,26 +21,21 @@ import numpy as np
 
 from ddetr_cli.data.images import ImageReadError
 from ddetr_cli.data.sources import expand_sources, is_url, load_source
+from ddetr_cli.engine.draw import Annotator, write_image
 from ddetr_cli.engine.predictor import Detector
-from ddetr_cli.files import atomic_write_text
+from ddetr_cli.files import atomic_path, atomic_write_text
+from ddetr_cli.formats.annotations import Instances, names_txt
+from ddetr_cli.formats.coco import CocoWriter
 from ddetr_cli.formats.labelstudio import LabelStudioWriter, image_url, labeling_config
 from ddetr_cli.formats.masks import instance_polygons, require_masks
-from ddetr_cli.formats.writers import (
-    Annotator,
-    CocoWriter,
-    link_image,
-    voc_labelmap,
-    voc_xml,
-    write_image,
-    yolo_classes_txt,
-    yolo_data_yaml,
-    yolo_lines,
-)
+from ddetr_cli.formats.voc import voc_image_set, voc_labelmap, voc_xml
+from ddetr_cli.formats.yolo import yolo_data_yaml, yolo_lines
 
 FORMATS = ("coco", "yolo", "voc", "labelstudio")
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Datumaro's COCO importer reads annotations/instances_<subset>.json beside images/.
 DATUMARO_COCO = "annotations/instances_default.json"
+YOLO_COMMENT = "ddetr detect pre-labels: ultralytics / supervision / Datumaro YOLO layout"
 
 
 class DetectStopped(OSError):
@@ -107,6 +103,22 @@ def _image_file_name(name: str) -> str:
 def _source_path(src: str) -> str:
     """What ``ddetr_source`` records: the URL, or the local file's absolute path."""
     return src if is_url(src) else str(Path(src).absolute())
+
+
+def link_image(dst: Path, source: str | None, image_rgb: np.ndarray) -> None:
+    """Put the image at ``dst``: a hard link to the local file ``source`` (no copy; a symbolic
+    link would not do: Datumaro refuses image paths that resolve outside the dataset), its
+    bytes where a hard link is not possible (another file system), the decoded image for URLs.
+    Atomic: an existing ``dst`` is replaced."""
+    if source is not None and Path(source).is_file():
+        with atomic_path(dst) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+        return
+    write_image(dst, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
 
 
 def _link_coco(out_dir: Path, pred_path: Path) -> None:
@@ -198,8 +210,9 @@ def run_detect(
     if "yolo" in formats:
         res.outputs["yolo"] = str(out_dir / "labels")
         res.outputs["data_yaml"] = str(out_dir / "data.yaml")
-        atomic_write_text(out_dir / "data.yaml", yolo_data_yaml(out_dir, labels))
-        atomic_write_text(out_dir / "classes.txt", yolo_classes_txt(labels))
+        atomic_write_text(out_dir / "data.yaml", yolo_data_yaml(labels, {"train": "images", "val": "images"},
+                                                               path=out_dir.absolute(), comments=[YOLO_COMMENT]))
+        atomic_write_text(out_dir / "classes.txt", names_txt(labels))
         (out_dir / "labels").mkdir(exist_ok=True)
     voc_dir = out_dir / "voc"
     if "voc" in formats:
@@ -236,7 +249,7 @@ def run_detect(
         saved = res.images
         _link_coco(out_dir, pred_path)
         if "voc" in formats:
-            ids = "".join(_split_ext(im["file_name"])[0] + "\n" for im in coco.images)
+            ids = voc_image_set(_split_ext(im["file_name"])[0] for im in coco.images)
             atomic_write_text(voc_dir / "ImageSets" / "Main" / "default.txt", ids)
         if ls is not None:
             ls.write(ls_path)
@@ -250,7 +263,8 @@ def run_detect(
                 name = _split_ext(name)[0] + ".jpg"  # written decoded into images/ under this name
             name = _unique(name, used)
             polygons = instance_polygons(dets) if masks else None
-            coco.add(name, w, h, dets, polygons, source=_source_path(src))
+            instances = Instances.from_detections(dets, polygons)
+            coco.add(name, w, h, instances, source=_source_path(src))
             res.images += 1
             res.detections += len(dets)
             res.per_class.update(labels.name(int(c)) for c in dets.class_id)
@@ -258,9 +272,9 @@ def run_detect(
             local = None if is_url(src) else src
             link_image(out_dir / "images" / name, local, img)
             if "yolo" in formats:
-                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(dets, w, h, labels, polygons, save_conf))
+                atomic_write_text(out_dir / "labels" / f"{stem}.txt", yolo_lines(instances, w, h, labels, save_conf))
             if "voc" in formats:
-                atomic_write_text(voc_dir / "Annotations" / f"{stem}.xml", voc_xml(name, w, h, dets, labels))
+                atomic_write_text(voc_dir / "Annotations" / f"{stem}.xml", voc_xml(name, w, h, instances, labels))
                 link_image(voc_dir / "JPEGImages" / name, local, img)
             if ls is not None:
                 keep = [i for i, c in enumerate(dets.class_id) if labels.get(int(c)) is not None]

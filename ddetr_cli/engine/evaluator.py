@@ -33,8 +33,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ddetr_cli.data.datasets import Dataset, DatasetError, Record, coco_segmentation
+from ddetr_cli.data.datasets import Dataset, DatasetError, Record
 from ddetr_cli.files import atomic_write_text
+from ddetr_cli.formats.coco import coco_segmentation, coco_splits
 from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.formats.masks import instance_polygons
 
@@ -126,8 +127,6 @@ def match_classes(labels: LabelTable, dataset: Dataset) -> ClassMapping:
 def _coco_annotation_file(dataset: Dataset) -> Path | None:
     """The annotation JSON a COCO dataset split was read from (None if it cannot be found)."""
     try:
-        from ddetr_cli.data.datasets import coco_splits
-
         splits = coco_splits(Path(dataset.root))
     except Exception:  # a layout this helper does not know: fall back to the loaded records
         return None

@@ -41,9 +41,9 @@ import numpy as np  # noqa: E402
 import supervision as sv  # noqa: E402
 
 from ddetr_cli.data.sources import SourceError  # noqa: E402
+from ddetr_cli.engine.draw import Annotator  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
-from ddetr_cli.formats.writers import Annotator  # noqa: E402
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
 MAX_BACKOFF_S = 30.0

@@ -1,2 +1,3 @@
-"""What goes into files: the label table (category ids), COCO / YOLO / VOC writers, mask
-polygons. A leaf: imports nothing else of the package."""
+"""The file formats, one module each with its reader and its writer (``coco``, ``yolo``,
+``voc``; ``labelstudio`` writes only), the neutral form they share (``annotations``), the label
+table (category ids) and mask polygons. A leaf: imports nothing else of the package but files."""
