@@ -2,7 +2,7 @@
 //
 // The schema is defined once here; the CPU kernels live in ms_deform_attn_cpu.cpp and the CUDA
 // kernels in ms_deform_attn_cuda.cu, each registered with its own TORCH_LIBRARY_IMPL. The fake
-// (meta) implementation and the autograd formula are registered from Python (ddetr_cli/op.py).
+// (meta) implementation and the autograd formula are registered from Python (ddetr_cli/ops/msda.py).
 //
 // Shapes:
 //   value               (N, S, M, D)        float
@@ -131,7 +131,7 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
 
 TORCH_LIBRARY(ddetr, m) {
   // Fake tensors and autograd for these ops are registered by this Python module.
-  m.set_python_module("ddetr_cli.op");
+  m.set_python_module("ddetr_cli.ops.msda");
   m.def(
       "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor");

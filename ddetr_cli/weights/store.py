@@ -92,12 +92,13 @@ class ModelNameError(ValueError):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def check_name(name: str, force: bool = False) -> str:
+def check_name(name: str, force: bool = False, reserved: bool = True) -> str:
     """``name`` if it can be registered: letters, digits, ``. _ -`` (no paths), not a bundled or
-    hub name, and not registered already unless ``force`` (re-point it). Else ModelNameError."""
+    hub name (``reserved``; a hub pull registers its own name), and not registered already unless
+    ``force`` (re-point it). Else ModelNameError."""
     if not _NAME.fullmatch(name or "") or ".." in name:
         raise ModelNameError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (no paths)")
-    if name in _bundled() or name in HUB_MODELS:
+    if reserved and (name in _bundled() or name in HUB_MODELS):
         raise ModelNameError(f"{name!r} is a bundled or hub model name; choose another")
     if name in _read_index() and not force:
         raise ModelNameError(f"{name!r} is already registered ({_read_index()[name].get('path')}); "
@@ -119,8 +120,10 @@ def unique_name(base: str) -> str:
 def register(name: str, path: str | Path, source: str = "import", description: str = "",
              force: bool = False) -> Entry:
     """Record ``name`` -> ``path`` (a weights file/folder any loader reads); an existing name is
-    re-pointed only with ``force`` (ModelNameError otherwise)."""
-    check_name(name, force)
+    re-pointed only with ``force`` (ModelNameError otherwise). A hub pull registers the hub's
+    own name (``source`` "hub:...") and may refresh it."""
+    hub = source.startswith("hub:")
+    check_name(name, force or hub, reserved=not hub)
     entry = Entry(name, str(Path(path).resolve()), source, description, time.time())
     index = _read_index()
     index[name] = asdict(entry)

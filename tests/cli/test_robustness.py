@@ -53,6 +53,7 @@ def tmpfs(tmp_path):
 # ----------------------------------------------------------------------------- run folders
 
 
+@pytest.mark.slow
 def test_existing_out_is_refused_then_replaced_with_exist_ok(tmp_path):
     out = tmp_path / "run"
     args = ["detect", str(IMAGES / "shapes_0_320x240.jpg"), "--model", "demo", "--out", str(out), "--quiet"]
@@ -115,6 +116,7 @@ def test_failed_command_leaves_no_empty_run_folder(tmp_path):
 # ----------------------------------------------------------------------------- names
 
 
+@pytest.mark.slow
 def test_registered_names_are_not_silently_repointed(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("DDETR_HOME", str(home))
@@ -157,6 +159,7 @@ def test_read_only_out_is_one_line(tmpfs):
     assert r.returncode != 0 and "Read-only file system" in one_error_line(r)
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_last_complete_predictions(tmpfs, tmp_path):
     # many copies of the example images: the annotated JPEGs fill the 400 KiB disk part-way
     src = tmp_path / "imgs"

@@ -122,6 +122,7 @@ def test_nothing_readable_exits_nonzero(tmp_path, tiny_model_path):
     assert "no image could be read" in r.output
 
 
+@pytest.mark.slow
 def test_bad_arguments_one_line(tmp_path, tiny_model_path):
     env = {**os.environ, "DDETR_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     img = _images_folder(tmp_path, 1, bad=False) / "good0.jpg"

@@ -427,6 +427,7 @@ def test_card_map_parser():
     assert _card_map("trained for 10 epochs") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO.is_file(), reason="no bundled demo model yet")
 def test_demo_model_card_number_is_reproduced(tmp_path, monkeypatch, capsys):
     """The card's mAP is what `ddetr eval` gives on the held-out synthetic split the card names

@@ -99,6 +99,7 @@ def test_epoch_batches_shard_and_reshuffle() -> None:
 # ------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_overfit_fixed_batch() -> None:
     torch.manual_seed(0)
     ds = load_dataset(EXAMPLES / "coco", "train")
@@ -193,6 +194,7 @@ def _assert_same_run(a: dict, b: dict, k: int) -> None:
     assert a["history"][-1]["AP"] == pytest.approx(b["history"][-1]["AP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path: Path, uninterrupted: dict) -> None:
     data = EXAMPLES / "coco"
     extra = (*EXACT, "--save-period", "2")
@@ -257,6 +259,7 @@ def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(tmp_path: Path, uninter
 # ------------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ddetr_cli", "finetune", *_cli_args(EXAMPLES / "coco", tmp_path, "--epochs", "1", "--max-steps", "2",

@@ -230,6 +230,7 @@ def _get(server: Server, path: str) -> bytes:
         return r.read()
 
 
+@pytest.mark.slow
 def test_detect_import_round_trip(label_studio: Server, tmp_path, monkeypatch):
     # images under the document root, one with characters that need URL quoting
     imgs = label_studio.root / "imgs"
@@ -296,6 +297,7 @@ def test_detect_import_round_trip(label_studio: Server, tmp_path, monkeypatch):
         pytest.fail("no task for the image with a quoted name")
 
 
+@pytest.mark.slow
 def test_polygons_import(label_studio: Server, tmp_path):
     """Mask polygons (the --masks path) through the server: percent points read back unchanged."""
     import supervision as sv

@@ -291,6 +291,7 @@ def test_cli_detect_with_masks(tmp_path):
     assert checked > 0
 
 
+@pytest.mark.slow
 def test_finetune_scratch_and_from_detr_checkpoint(tmp_path):
     from ddetr_cli.engine.trainer import finetune
 
@@ -330,6 +331,7 @@ def test_config_validation():
     assert ModelConfig.from_variant("detr-dc5").variant == "detr-dc5"
 
 
+@pytest.mark.slow
 def test_eval_reports_mask_ap_and_video_writes_polygons_with_a_mask_detr(tmp_path):
     """A mask-head DETR through `evaluate` (mask AP equal to pycocotools' segm run on the saved
     files) and through `run_video --masks` (one JSONL record per frame, polygons in it)."""

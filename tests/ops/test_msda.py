@@ -354,7 +354,7 @@ def test_env_torch_selects_fallback():
 
 
 def test_env_invalid_value_is_rejected():
-    res = _run_child("from ddetr_cli import op; op.backend_info()", DDETR_MSDA_BACKEND="fast")
+    res = _run_child("from ddetr_cli.ops import msda; msda.backend_info()", DDETR_MSDA_BACKEND="fast")
     assert res.returncode != 0 and "DDETR_MSDA_BACKEND" in res.stderr
 
 
