@@ -3,14 +3,9 @@
 // The schema is defined once here; the CPU kernels live in ms_deform_attn_cpu.cpp and the CUDA
 // kernels in ms_deform_attn_cuda.cu, each registered with its own TORCH_LIBRARY_IMPL. The fake
 // (meta) implementation and the autograd formula are registered from Python (ddetr_cli/ops/msda.py).
-//
-// Shapes:
-//   value               (N, S, M, D)        float
-//   spatial_shapes      (L, 2)              int64, rows (H, W), sum(H*W) == S
-//   level_start_index   (L,)                int64, exclusive cumulative sum of H*W
-//   sampling_locations  (N, Lq, M, L, P, 2) float, normalised (x, y)
-//   attention_weights   (N, Lq, M, L, P)    float
-//   output              (N, Lq, M*D)
+// Shapes and the shared declarations: ms_deform_attn.h.
+
+#include "ms_deform_attn.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -32,9 +27,6 @@ std::string shape_str(const at::Tensor& t) {
 
 }  // namespace
 
-// Validates every argument of ms_deform_attn / ms_deform_attn_backward. Throws ValueError (via
-// TORCH_CHECK_VALUE) naming the offending argument. After it returns, kernels can index value with
-// any (level, y, x) in range without reading out of bounds. `grad_output` may be undefined.
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                   const at::Tensor& attention_weights, const at::Tensor& grad_output) {

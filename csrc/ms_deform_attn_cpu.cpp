@@ -11,6 +11,8 @@
 // vectorise; invalid corners point at a row of zeros instead of branching inside the loop. The
 // corner geometry of all L*P points of a query is computed first, in a loop across points.
 
+#include "ms_deform_attn.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,10 +23,6 @@
 #include <vector>
 
 namespace ddetr {
-
-void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                  const at::Tensor& attention_weights, const at::Tensor& grad_output);
 
 namespace {
 

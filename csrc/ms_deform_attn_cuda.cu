@@ -7,6 +7,8 @@
 // grad_value buffer with atomicAdd (float64 for float64 inputs), cast back to the input dtype
 // at the end.
 
+#include "ms_deform_attn.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,10 +20,6 @@
 #include <tuple>
 
 namespace ddetr {
-
-void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                  const at::Tensor& attention_weights, const at::Tensor& grad_output);
 
 namespace {
 

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 CSRC_DIR = asset_dir("csrc")
 _CPU_SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp")
 _CUDA_SOURCES = ("ms_deform_attn_cuda.cu",)
+_HEADERS = ("ms_deform_attn.h",)  # included by every source: part of the build key
 _LIB_NAME = "ddetr_msda"
 _BACKEND_ENV = "DDETR_MSDA_BACKEND"
 # Bump when the build recipe below changes in a way the key would not notice.
@@ -295,7 +296,7 @@ def _sources(with_cuda: bool) -> list[Path]:
 
 def _build_key(with_cuda: bool, arch_list: str | None) -> str:
     h = hashlib.sha256()
-    for src in _sources(with_cuda):
+    for src in _sources(with_cuda) + [CSRC_DIR / n for n in _HEADERS]:
         h.update(src.name.encode())
         h.update(src.read_bytes())
     for part in (
