@@ -27,6 +27,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
+from ddetr_cli.files import atomic_write_text
 from ddetr_cli.formats.masks import join_polygons
 
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
@@ -146,14 +147,5 @@ class LabelStudioWriter:
         return task
 
     def write(self, path: str | os.PathLike) -> None:
-        """The tasks so far as a JSON list, atomically (temp file in the same folder, renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.tasks, f)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        """The tasks so far as a JSON list, atomically (``files.atomic_write_text``)."""
+        atomic_write_text(Path(path), json.dumps(self.tasks))
