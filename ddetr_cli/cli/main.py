@@ -50,6 +50,14 @@ class UserError(Exception):
     """A failure the user can fix; shown as one line."""
 
 
+def _report(as_json: bool, data: dict, text: str) -> None:
+    """A command's one-line result: ``data`` as plain JSON with --json, else ``text``."""
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(text)
+
+
 def fail(msg: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -678,10 +686,7 @@ def weights_pull(
     from ddetr_cli.weights.store import pull
 
     path = pull(name)
-    if as_json:
-        _print_json({"name": name, "path": str(path)})
-    else:
-        out.print(f"{name}: {path}")
+    _report(as_json, {"name": name, "path": str(path)}, f"{name}: {path}")
 
 
 @weights_app.command("import")
@@ -708,10 +713,8 @@ def weights_import(
     dst = save_model(model, home() / "models" / f"{name}.safetensors", extra_meta={"source": f"import:{layout}"})
     register(name, dst, source="import", description=f"{model.cfg.variant}, {model.cfg.num_classes} classes, from {layout} layout",
              force=force)
-    if as_json:
-        _print_json({"name": name, "path": str(dst), "layout": layout, "source": str(path)})
-    else:
-        out.print(f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
+    _report(as_json, {"name": name, "path": str(dst), "layout": layout, "source": str(path)},
+            f"imported {path} ({layout} layout) as [bold]{name}[/] -> {dst}")
 
 
 @weights_app.command("rm")
@@ -727,10 +730,7 @@ def weights_rm(
     p = Path(entry.path)
     if p.is_file() and home() in p.parents:
         p.unlink()
-    if as_json:
-        _print_json({"removed": name, "path": entry.path})
-    else:
-        out.print(f"removed {name}")
+    _report(as_json, {"removed": name, "path": entry.path}, f"removed {name}")
 
 
 @weights_app.command("info")
