@@ -157,6 +157,12 @@ def test_read_only_out_is_one_line(tmpfs):
     assert "Read-only file system" in one_error_line(r)
     r = ddetr("detect", str(IMAGES), "--model", "demo", "--quiet", cwd=tmpfs)  # read-only working directory
     assert r.returncode != 0 and "Read-only file system" in one_error_line(r)
+    data = ROOT / "examples" / "data" / "coco"
+    for args in (["video", str(ROOT / "examples" / "clip.mp4"), "--model", "demo", "--out", str(tmpfs / "v")],
+                 ["eval", str(data), "--split", "valid", "--model", "demo", "--out", str(tmpfs / "e")],
+                 ["finetune", str(data), "--model", "demo", "--epochs", "1", "--out", str(tmpfs / "f")]):
+        r = ddetr(*args)
+        assert r.returncode != 0 and "Read-only file system" in one_error_line(r), args
 
 
 @pytest.mark.slow
