@@ -31,6 +31,7 @@ from ddetr_cli.engine.trainer import (
     finetune_command,
     param_groups,
 )
+from ddetr_cli.files import RUN_MARKER
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.deformable_detr import DeformableDETR
 from ddetr_cli.models.losses import SetCriterion
@@ -129,7 +130,7 @@ def test_finetune_each_format(fmt: str, tmp_path: Path) -> None:
     for f in ("args.json", "last.pt", "last.safetensors", "best.safetensors", "results.csv", "progress.json"):
         assert (run / f).is_file(), f
         assert stat.S_IMODE((run / f).stat().st_mode) == 0o666 & ~umask, f  # not mkstemp's 0600
-    assert not list(run.glob(".*")), "temporary files left behind"
+    assert not [p for p in run.glob(".*") if p.name != RUN_MARKER], "temporary files left behind"
     model = load_model(run / "best.safetensors")
     assert model.cfg.class_names == load_dataset(EXAMPLES / fmt, "train").class_names
     rows = (run / "results.csv").read_text().strip().splitlines()
@@ -248,7 +249,7 @@ def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(tmp_path: Path, uninter
     assert 1 <= k < 4 and state["epoch"] == 0 and state["step_in_epoch"] == k and not state["finished"]
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("stopping after")]
     assert lines == [f"interrupted at step {k}, saved: continue with ddetr finetune --resume {run}"], err
-    assert not (run / "best.safetensors").exists() and not list(run.glob(".*"))
+    assert not (run / "best.safetensors").exists() and not [p for p in run.glob(".*") if p.name != RUN_MARKER]
 
     resumed = subprocess.run([sys.executable, "-m", "ddetr_cli", "finetune", "--resume", str(run), "--quiet"],
                              env=ENV, capture_output=True, text=True, timeout=300)
