@@ -37,14 +37,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
     replaces ``path`` when the block ends without an error; removed otherwise.
 
     The file ends with the mode a plain ``open(path, "w")`` would give it (0o666 less the umask),
-    not mkstemp's private 0o600."""
+    not mkstemp's private 0o600; a hard link the block put there keeps its file's own mode (a
+    chmod would change the user's original)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        if os.stat(tmp).st_nlink == 1:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -37,3 +37,20 @@ def test_atomic_path_failure_keeps_the_old_file(tmp_path: Path) -> None:
             raise RuntimeError("writer failed")
     assert (tmp_path / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_hard_link_keeps_the_originals_mode(tmp_path):
+    """detect links source images into its run folder: the user's file must keep its mode."""
+    import os
+    import stat
+
+    from ddetr_cli.files import atomic_path
+
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(b"jpeg")
+    src.chmod(0o600)
+    with atomic_path(tmp_path / "run" / "images" / "photo.jpg") as tmp:
+        tmp.unlink()
+        os.link(src, tmp)
+    assert stat.S_IMODE(src.stat().st_mode) == 0o600
+    assert (tmp_path / "run" / "images" / "photo.jpg").read_bytes() == b"jpeg"
