@@ -2,7 +2,7 @@
 
 Parameter names follow the official checkpoints (``transformer.encoder.layers.N.self_attn...``)
 minus the ``backbone.0`` nesting, so the official layout loads with little renaming and the
-transformers layout with a fixed table (see ``weights.py``).
+transformers layout with a fixed table (see ``weights/load.py``).
 
 Conventions: ``mask`` is True on padding; boxes are (cx, cy, w, h) normalised to the unpadded
 image; sampling locations are (x, y) in [0, 1].

@@ -5,10 +5,10 @@ conv head on C4, C3, C2).
 
 Parameter names follow the official checkpoints (``transformer.encoder.layers.N.self_attn.
 in_proj_weight``, ``multihead_attn``, ``class_embed``, ``bbox_attention``, ``mask_head``) minus
-the ``backbone.0`` nesting and the panoptic ``detr.`` prefix; ``weights.py`` renames the
+the ``backbone.0`` nesting and the panoptic ``detr.`` prefix; ``weights/detr.py`` renames the
 official and transformers layouts to these.
 
-Conventions as in ``model.py``: ``mask`` is True on padding; boxes are (cx, cy, w, h) normalised
+Conventions as in ``deformable_detr.py``: ``mask`` is True on padding; boxes are (cx, cy, w, h) normalised
 to the unpadded image.
 """
 

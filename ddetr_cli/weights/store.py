@@ -1,6 +1,6 @@
 """Named weights: the bundled demo model, the published hub models and imported files.
 
-A name resolves to a local weights path in one of the layouts ``weights.py`` reads. Hub models
+A name resolves to a local weights path in one of the layouts ``weights/load.py`` reads. Hub models
 are pulled through huggingface-hub (its cache, resume and ``HF_HUB_OFFLINE``) and converted once
 to the project's own format in ``$DDETR_HOME/models/`` (default ``~/.cache/ddetr``).
 """
