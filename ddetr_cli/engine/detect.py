@@ -277,9 +277,7 @@ def run_detect(
                 atomic_write_text(voc_dir / "Annotations" / f"{stem}.xml", voc_xml(name, w, h, instances, labels))
                 link_image(voc_dir / "JPEGImages" / name, local, img)
             if ls is not None:
-                keep = [i for i, c in enumerate(dets.class_id) if labels.get(int(c)) is not None]
-                ls.add(src, w, h, dets.xyxy[keep], dets.confidence[keep], [labels.name(int(dets.class_id[i])) for i in keep],
-                       [polygons[i] for i in keep] if polygons is not None else None)
+                ls.add(src, w, h, instances, labels)
             if annot is not None:
                 drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
                 write_image(out_dir / "annotated" / _image_file_name(name), drawn)

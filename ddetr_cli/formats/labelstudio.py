@@ -28,6 +28,8 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from ddetr_cli.files import atomic_write_text
+from ddetr_cli.formats.annotations import Instances
+from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.formats.masks import join_polygons
 
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
@@ -100,17 +102,19 @@ class LabelStudioWriter:
         self.url = url
         self.tasks: list[dict[str, Any]] = []
 
-    def add(self, image_path: str, width: int, height: int, boxes_xyxy: Any, scores: Any,
-            names: Sequence[str], polygons: Sequence[Sequence[Sequence[float]]] | None = None) -> dict:
-        """One image: boxes ((N, 4) xyxy pixels, clipped to the image), scores (N,), label names
-        (N,), optional per-detection COCO polygons (pixels; parts joined into one ring). Returns
-        the task."""
+    def add(self, image_path: str, width: int, height: int, instances: Instances, labels: LabelTable) -> dict:
+        """One image and its detections, as every writer takes them: boxes clipped to the image,
+        a score each (required: these are predictions), the label's name, and with polygons
+        (COCO, pixels) a polygon region too (parts joined into one ring). Labels without a
+        category are left out, as in the other formats. Returns the task."""
+        if instances.scores is None:
+            raise ValueError("Label Studio predictions need a score per instance")
         W, H = int(width), int(height)
-        boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-        boxes = np.clip(boxes, 0.0, [W, H, W, H])
-        scores = [float(s) for s in np.asarray(scores, dtype=np.float64).reshape(-1)]
-        if not (len(boxes) == len(scores) == len(names)) or (polygons is not None and len(polygons) != len(boxes)):
-            raise ValueError("boxes, scores, names (and polygons) must have one entry per detection")
+        keep = [i for i, lab in enumerate(instances.labels) if labels.get(int(lab)) is not None]
+        boxes = np.clip(np.asarray(instances.boxes, dtype=np.float64)[keep], 0.0, [W, H, W, H])
+        scores = [float(instances.scores[i]) for i in keep]
+        names = [labels.name(int(instances.labels[i])) for i in keep]
+        polygons = [instances.polygons[i] for i in keep] if instances.polygons is not None else None
         n_task = len(self.tasks) + 1
         results: list[dict[str, Any]] = []
         for i, ((x1, y1, x2, y2), score, name) in enumerate(zip(boxes, scores, names)):

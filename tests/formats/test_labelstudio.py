@@ -27,6 +27,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ddetr_cli.cli import app
+from ddetr_cli.formats.annotations import Instances
+from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.formats.labelstudio import ImageURLError, LabelStudioWriter, image_url, labeling_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +89,9 @@ def test_writer_percent_clipping_scores_polygons(tmp_path):
     w = LabelStudioWriter("m1", url=lambda p: "u:" + p)
     boxes = [[20.0, 10.0, 70.0, 60.0], [-5.0, 90.0, 210.0, 130.0]]  # the second leaves the 200x100 image
     polys = [[[20.0, 10.0, 70.0, 10.0, 70.0, 60.0]], []]  # one triangle; an empty mask
-    task = w.add("a.jpg", 200, 100, np.array(boxes), np.array([0.9, 0.5]), ["cat", "dog"], polys)
-    w.add("b.jpg", 50, 50, np.zeros((0, 4)), np.zeros(0), [])
+    labels = LabelTable.from_names(["cat", "dog"])
+    task = w.add("a.jpg", 200, 100, Instances(np.array(boxes), np.array([0, 1]), np.array([0.9, 0.5]), polys), labels)
+    w.add("b.jpg", 50, 50, Instances(np.zeros((0, 4)), np.zeros(0, int), np.zeros(0)), labels)
     assert task["data"] == {"image": "u:a.jpg", "ddetr_path": "a.jpg"}
     [pred] = task["predictions"]
     assert pred["model_version"] == "m1" and pred["score"] == pytest.approx(0.7)  # mean of the regions
@@ -316,7 +319,7 @@ def test_polygons_import(label_studio: Server, tmp_path):
     (label_studio.root / "poly").mkdir()
     img = label_studio.root / "poly" / "p.png"
     img.write_bytes(b"not served in this test")
-    w.add(str(img), W, H, dets.xyxy, dets.confidence, ["a", "b"], instance_polygons(dets))
+    w.add(str(img), W, H, Instances.from_detections(dets, instance_polygons(dets)), LabelTable.from_names(["a", "b"]))
     w.write(tmp_path / "labelstudio.json")
     got = _sdk(label_studio, tmp_path, labeling_config(["a", "b"], masks=True), tmp_path / "labelstudio.json", None)
     [task] = got["tasks"]
