@@ -169,3 +169,16 @@ def save_hub(model, folder, safetensors: bool = True) -> None:
         seen.add(v.data_ptr())
         sd[k] = v.contiguous()
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def unresized_image(path):
+    """An 800x1000 PNG with a red block on noise, written at ``path``: its short side is the
+    reference 800, so transformers' preprocessing and ours leave it at its size. -> path."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = (rng.random((800, 1000, 3)) * 255).astype(np.uint8)
+    arr[100:400, 200:600] = (230, 40, 40)
+    Image.fromarray(arr).save(path)
+    return path

@@ -165,6 +165,14 @@ def _load_detector(model, device: str, half: bool, imgsz, classes=None):
         raise UserError(str(e)) from None
 
 
+def _run_dir(out_dir: Path | None, command: str, exist_ok: bool) -> Path:
+    """The command's run folder: ``--out`` claimed (see ``files.claim_run_dir``), else the next
+    ``runs/<command>/expN``."""
+    from ddetr_cli.files import claim_run_dir, next_run_dir
+
+    return claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs") / command)
+
+
 def _require_masks(det, model) -> None:
     from ddetr_cli.formats.masks import MasksUnavailable, require_masks
 
@@ -235,7 +243,6 @@ def detect(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ddetr_cli.engine.detect import run_detect
-    from ddetr_cli.files import claim_run_dir, next_run_dir
     from ddetr_cli.formats.labelstudio import ImageURLError, image_url
 
     fmts = _parse_formats(formats)
@@ -244,7 +251,7 @@ def detect(
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
     if masks:
         _require_masks(det, model)  # before a run folder is made
-    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/detect"))
+    run_dir = _run_dir(out_dir, "detect", exist_ok)
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -365,7 +372,6 @@ def video(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ddetr_cli.engine.video import VideoPipeline, VideoStats, parse_source
-    from ddetr_cli.files import claim_run_dir, next_run_dir
 
     quiet = quiet or as_json
     if not (show or save or save_json):
@@ -382,7 +388,7 @@ def video(
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
                    track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
-    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/video"))
+    run_dir = _run_dir(out_dir, "video", exist_ok)
     columns = (
         [TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
          TimeElapsedColumn(), TimeRemainingColumn()]
@@ -473,7 +479,6 @@ def eval_cmd(
     from ddetr_cli.data.datasets import load_dataset
     from ddetr_cli.engine.evaluator import EvalError, evaluate
     from ddetr_cli.engine.predictor import Detector
-    from ddetr_cli.files import claim_run_dir, next_run_dir
 
     show = not (quiet or as_json)
     try:
@@ -495,7 +500,7 @@ def eval_cmd(
         if isinstance(e, _known_errors()):
             raise
         raise UserError(str(e)) from None
-    run_dir = claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs/eval"))
+    run_dir = _run_dir(out_dir, "eval", exist_ok)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

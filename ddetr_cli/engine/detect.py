@@ -245,7 +245,7 @@ def run_detect(
 
     def write_all(incomplete: bool) -> None:
         nonlocal saved
-        coco.write(pred_path, {**info(), "incomplete": incomplete or res.incomplete})
+        coco.write(pred_path, {**info(), "incomplete": incomplete})
         saved = res.images
         _link_coco(out_dir, pred_path)
         if "voc" in formats:

@@ -73,7 +73,7 @@ class PredictsArrays(Protocol):
 class ClassMapping:
     """Model label index -> ground-truth category id, and what could not be matched.
 
-    mode: "id" (COCO-style model on a COCO dataset: label index == category id) or "name".
+    mode: "id" (the model's label table carries the COCO dataset's category ids) or "name".
     """
 
     mode: str

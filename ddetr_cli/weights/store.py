@@ -100,8 +100,9 @@ def check_name(name: str, force: bool = False, reserved: bool = True) -> str:
         raise ModelNameError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (no paths)")
     if reserved and (name in _bundled() or name in HUB_MODELS):
         raise ModelNameError(f"{name!r} is a bundled or hub model name; choose another")
-    if name in _read_index() and not force:
-        raise ModelNameError(f"{name!r} is already registered ({_read_index()[name].get('path')}); "
+    taken = _read_index().get(name)
+    if taken is not None and not force:
+        raise ModelNameError(f"{name!r} is already registered ({taken.get('path')}); "
                              "choose another name or re-point it with --force")
     return name
 

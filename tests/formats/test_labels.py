@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hf_reference import make_hf_model, save_hub
+from hf_reference import make_hf_model, save_hub, unresized_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -94,11 +94,7 @@ def test_published_coco_table_gives_coco_ids_everywhere(tmp_path):
 
     hf, hub = _coco_hub_folder(tmp_path)
     coco = {i: n for i, n in published_coco_id2label().items() if n != "N/A"}
-    rng = np.random.default_rng(0)
-    arr = (rng.random((800, 1000, 3)) * 255).astype(np.uint8)
-    arr[100:400, 200:600] = (230, 40, 40)
-    img = tmp_path / "im.png"
-    Image.fromarray(arr).save(img)
+    img = unresized_image(tmp_path / "im.png")
 
     proc = DeformableDetrImageProcessor()
     with torch.no_grad():

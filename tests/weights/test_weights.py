@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hf_reference import make_hf_model, save_hub
+from hf_reference import make_hf_model, save_hub, unresized_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -145,11 +145,7 @@ def test_cli_parity_with_transformers_postprocess(tmp_path):
         for head in hf.class_embed:
             head.bias.normal_(0.0, 1.5)
     save_hub(hf, tmp_path / "hub")
-    rng = np.random.default_rng(0)
-    arr = (rng.random((800, 1000, 3)) * 255).astype(np.uint8)
-    arr[100:400, 200:600] = (230, 40, 40)
-    img = tmp_path / "im.png"
-    Image.fromarray(arr).save(img)
+    img = unresized_image(tmp_path / "im.png")
 
     proc = DeformableDetrImageProcessor()
     inputs = proc(images=Image.open(img), return_tensors="pt")
