@@ -69,10 +69,17 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                     "ms_deform_attn: attention_weights must have shape (N, Lq, M, L, P) = (", N,
                     ", ", Lq, ", ", M, ", ", L, ", ", P, "), got ", shape_str(attention_weights));
 
-  TORCH_CHECK_VALUE(sampling_locations.scalar_type() == value.scalar_type(),
+  // The CPU forward also takes float32 locations and weights beside a bfloat16 / half value
+  // (reduced-precision inference keeps the geometry in float32).
+  const bool reduced = value.scalar_type() == at::kBFloat16 || value.scalar_type() == at::kHalf;
+  const bool mixed_ok = reduced && value.device().is_cpu() && !grad_output.defined();
+  const auto dtype_ok = [&](const at::Tensor& t) {
+    return t.scalar_type() == value.scalar_type() || (mixed_ok && t.scalar_type() == at::kFloat);
+  };
+  TORCH_CHECK_VALUE(dtype_ok(sampling_locations),
                     "ms_deform_attn: sampling_locations dtype ", sampling_locations.scalar_type(),
                     " must match value dtype ", value.scalar_type());
-  TORCH_CHECK_VALUE(attention_weights.scalar_type() == value.scalar_type(),
+  TORCH_CHECK_VALUE(dtype_ok(attention_weights),
                     "ms_deform_attn: attention_weights dtype ", attention_weights.scalar_type(),
                     " must match value dtype ", value.scalar_type());
 

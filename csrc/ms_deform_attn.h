@@ -7,6 +7,8 @@
 //   level_start_index   (L,)                int64, exclusive cumulative sum of H*W
 //   sampling_locations  (N, Lq, M, L, P, 2) float, normalised (x, y)
 //   attention_weights   (N, Lq, M, L, P)    float
+//   (locations and weights have value's dtype, or float32 beside a bfloat16 / half value in the
+//   CPU forward)
 //   output              (N, Lq, M*D)
 
 #pragma once

@@ -1,4 +1,9 @@
-// CPU kernels of multi-scale deformable attention (float32 / float64).
+// CPU kernels of multi-scale deformable attention (forward: float32 / float64 / bfloat16 / half;
+// backward: float32 / float64).
+//
+// Reduced-precision forward: value is bfloat16 or half and sampling_locations / attention_weights
+// are float32 (a bfloat16 location would be off by up to a quarter pixel on a 134-pixel level);
+// samples are converted to float and accumulated in float, and the output is rounded once.
 //
 // Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros"): a normalised
 // location (x, y) is read at pixel (x * W - 0.5, y * H - 0.5) and corners outside the level read 0.
@@ -16,9 +21,12 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -105,15 +113,63 @@ inline void prepare_points(const scalar_t* __restrict__ lp, int64_t LP, const Le
   }
 }
 
+// acc[k] += a0 * p0[k] + ... + a3 * p3[k] over one channel row, in the accumulator's type.
+template <typename scalar_t>
+inline void accumulate_corners(scalar_t* __restrict__ acc, const scalar_t* __restrict__ p0,
+                               const scalar_t* __restrict__ p1, const scalar_t* __restrict__ p2,
+                               const scalar_t* __restrict__ p3, scalar_t a0, scalar_t a1,
+                               scalar_t a2, scalar_t a3, int64_t D) {
+#pragma omp simd
+  for (int64_t k = 0; k < D; ++k) acc[k] += a0 * p0[k] + a1 * p1[k] + a2 * p2[k] + a3 * p3[k];
+}
+
+// bfloat16 rows: widened by a shift of the raw bits (exact), which the compiler vectorises; the
+// c10::BFloat16 conversion operator goes through a call per element.
+inline float bf16_bits_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline void accumulate_corners(float* __restrict__ acc, const c10::BFloat16* p0_,
+                               const c10::BFloat16* p1_, const c10::BFloat16* p2_,
+                               const c10::BFloat16* p3_, float a0, float a1, float a2, float a3,
+                               int64_t D) {
+  const uint16_t* __restrict__ p0 = reinterpret_cast<const uint16_t*>(p0_);
+  const uint16_t* __restrict__ p1 = reinterpret_cast<const uint16_t*>(p1_);
+  const uint16_t* __restrict__ p2 = reinterpret_cast<const uint16_t*>(p2_);
+  const uint16_t* __restrict__ p3 = reinterpret_cast<const uint16_t*>(p3_);
+#pragma omp simd
+  for (int64_t k = 0; k < D; ++k) {
+    acc[k] += a0 * bf16_bits_to_float(p0[k]) + a1 * bf16_bits_to_float(p1[k]) +
+              a2 * bf16_bits_to_float(p2[k]) + a3 * bf16_bits_to_float(p3[k]);
+  }
+}
+
+inline void accumulate_corners(float* __restrict__ acc, const c10::Half* p0, const c10::Half* p1,
+                               const c10::Half* p2, const c10::Half* p3, float a0, float a1,
+                               float a2, float a3, int64_t D) {
+  for (int64_t k = 0; k < D; ++k) {
+    acc[k] += a0 * static_cast<float>(p0[k]) + a1 * static_cast<float>(p1[k]) +
+              a2 * static_cast<float>(p2[k]) + a3 * static_cast<float>(p3[k]);
+  }
+}
+
 struct Dims {
   int64_t N, S, M, D, Lq, L, P;
 };
 
 // DC > 0: channel count known at compile time (the accumulator then lives in registers);
 // DC == 0: any channel count, accumulated straight into the output row.
-template <typename scalar_t, int DC>
-void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                    const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& d) {
+// value_t: value and output; scalar_t: locations, weights and the accumulator (float for the
+// reduced-precision value types, else value_t).
+template <typename value_t, typename scalar_t, int DC>
+void forward_kernel(const value_t* value, const int64_t* shapes, const int64_t* starts,
+                    const scalar_t* loc, const scalar_t* attn, value_t* out, const Dims& d) {
+  constexpr bool kSame = std::is_same<value_t, scalar_t>::value;
+  // reduced precision always accumulates in registers, then rounds once into the output row
+  constexpr int kAcc = DC > 0 ? DC : 1;
   const int64_t D = DC > 0 ? DC : d.D;
   const int64_t row = d.M * D;
   const int64_t LP = d.L * d.P;
@@ -122,18 +178,20 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   // Items (n, q, m) in memory order: the heads of one query read neighbouring parts of the same
   // value rows, and neighbouring queries sample neighbouring pixels.
   at::parallel_for(0, d.N * d.Lq * d.M, grain, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zero(D, scalar_t(0));
+    const std::vector<value_t> zero(D, value_t(0));
+    // generic channel count with a reduced-precision value: a float row to accumulate into
+    std::vector<scalar_t> acc_row(kSame || DC > 0 ? 0 : D);
     PointBuffers<scalar_t> b(LP);
     int64_t n = begin / (d.Lq * d.M), m = begin % d.M;
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* vbase = value + n * d.S * row + m * D;
+      const value_t* vbase = value + n * d.S * row + m * D;
       const scalar_t* ap = attn + i * LP;
-      scalar_t* op = out + i * D;
+      value_t* op = out + i * D;
       prepare_points(loc + i * LP * 2, LP, table, b);
       const int32_t* idx = b.idx.data();
       const scalar_t* w = b.w.data();
-      scalar_t acc_fixed[DC > 0 ? DC : 1];
-      scalar_t* acc = DC > 0 ? acc_fixed : op;
+      scalar_t acc_fixed[kAcc];
+      scalar_t* acc = DC > 0 ? acc_fixed : (kSame ? reinterpret_cast<scalar_t*>(op) : acc_row.data());
       for (int64_t k = 0; k < D; ++k) acc[k] = 0;
       for (int64_t j = 0; j < LP; ++j) {
         const int32_t c0 = idx[j], c1 = idx[LP + j], c2 = idx[2 * LP + j], c3 = idx[3 * LP + j];
@@ -141,17 +199,14 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
         const scalar_t a = ap[j];
         const scalar_t a0 = a * w[j], a1 = a * w[LP + j], a2 = a * w[2 * LP + j],
                        a3 = a * w[3 * LP + j];
-        const scalar_t* __restrict__ p0 = c0 >= 0 ? vbase + c0 * row : zero.data();
-        const scalar_t* __restrict__ p1 = c1 >= 0 ? vbase + c1 * row : zero.data();
-        const scalar_t* __restrict__ p2 = c2 >= 0 ? vbase + c2 * row : zero.data();
-        const scalar_t* __restrict__ p3 = c3 >= 0 ? vbase + c3 * row : zero.data();
-#pragma omp simd
-        for (int64_t k = 0; k < D; ++k) {
-          acc[k] += a0 * p0[k] + a1 * p1[k] + a2 * p2[k] + a3 * p3[k];
-        }
+        const value_t* __restrict__ p0 = c0 >= 0 ? vbase + c0 * row : zero.data();
+        const value_t* __restrict__ p1 = c1 >= 0 ? vbase + c1 * row : zero.data();
+        const value_t* __restrict__ p2 = c2 >= 0 ? vbase + c2 * row : zero.data();
+        const value_t* __restrict__ p3 = c3 >= 0 ? vbase + c3 * row : zero.data();
+        accumulate_corners(acc, p0, p1, p2, p3, a0, a1, a2, a3, D);
       }
-      if (DC > 0) {
-        for (int64_t k = 0; k < D; ++k) op[k] = acc[k];
+      if (DC > 0 || !kSame) {
+        for (int64_t k = 0; k < D; ++k) op[k] = static_cast<value_t>(acc[k]);
       }
       if (++m == d.M) {
         m = 0;
@@ -261,11 +316,16 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, const at::Tensor& spatia
   check_index_range(d);
   auto out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    with_channels<scalar_t>(d.D, [&](auto dc) {
-      forward_kernel<scalar_t, decltype(dc)::value>(
-          value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    using value_t = scalar_t;
+    using acc_t = at::opmath_type<value_t>;  // float for bfloat16 / half
+    // check_inputs allows float32 locations / weights beside a reduced-precision value only
+    const auto loc_acc = loc.to(c10::CppTypeToScalarType<acc_t>::value);
+    const auto attn_acc = attn.to(c10::CppTypeToScalarType<acc_t>::value);
+    with_channels<acc_t>(d.D, [&](auto dc) {
+      forward_kernel<value_t, acc_t, decltype(dc)::value>(
+          value.data_ptr<value_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          loc_acc.data_ptr<acc_t>(), attn_acc.data_ptr<acc_t>(), out.data_ptr<value_t>(), d);
     });
   });
   return out;

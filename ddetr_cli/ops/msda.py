@@ -10,6 +10,10 @@ P points per level):
     attention_weights   [N, Lq, M, L, P]
     -> output           [N, Lq, M*D]
 
+Locations and weights have value's dtype, or float32 beside a bfloat16 / float16 value
+(reduced-precision inference keeps the geometry in float32: a bfloat16 location is off by up to a
+quarter pixel on a 134-pixel level); the output has value's dtype.
+
 Each point is sampled bilinearly like ``grid_sample(align_corners=False, padding_mode="zeros")``
 at pixel (x*W - 0.5, y*H - 0.5); corners outside the level read zero.
 
@@ -124,8 +128,9 @@ def _check_args(value, spatial_shapes, level_start_index, sampling_locations, at
             f"ms_deform_attn: attention_weights must have shape (N, Lq, M, L, P) = "
             f"{(n, lq, m, num_levels, p)}, got {tuple(attention_weights.shape)}"
         )
+    reduced = value.dtype in (torch.bfloat16, torch.float16)
     for name in ("sampling_locations", "attention_weights"):
-        if args[name].dtype != value.dtype:
+        if args[name].dtype != value.dtype and not (reduced and args[name].dtype == torch.float32):
             raise ValueError(
                 f"ms_deform_attn: {name} dtype {args[name].dtype} must match value dtype {value.dtype}"
             )
@@ -168,6 +173,11 @@ def ms_deform_attn_torch(
     Same contract as :func:`ms_deform_attn`; returns [N, Lq, M*D].
     """
     _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
+        # float32 geometry beside a reduced-precision value: sample in float32, round once
+        out = ms_deform_attn_torch(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
+                                   attention_weights.float())
+        return out.to(value.dtype)
     n, s, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     shapes = _level_sizes(spatial_shapes, level_start_index, s)
@@ -552,15 +562,27 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention; returns [N, Lq, M*D] (see the module docstring).
 
-    Uses the compiled op when available for the tensors' device and dtype (CPU: float32/float64;
-    CUDA: float32/float16/bfloat16/float64), otherwise :func:`ms_deform_attn_torch`. Both raise
-    ValueError naming the argument on inconsistent inputs.
+    Uses the compiled op when available for the tensors' device and dtype (CPU: float32/float64,
+    and bfloat16/float16 forward without autograd; CUDA: float32/float16/bfloat16/float64),
+    otherwise :func:`ms_deform_attn_torch`. Both raise ValueError naming the argument on
+    inconsistent inputs.
     """
     flags = _compiled_flags()
     if flags & 1 and isinstance(value, torch.Tensor):
         device = value.device.type
-        if (device == "cpu" and value.dtype in (torch.float32, torch.float64)) or (device == "cuda" and flags & 2):
+        if device == "cpu":
+            exact = value.dtype in (torch.float32, torch.float64)
+            reduced_inference = value.dtype in (torch.bfloat16, torch.float16) and not (
+                torch.is_grad_enabled()
+                and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (value, sampling_locations, attention_weights))
+            )
+            if exact or reduced_inference:
+                return torch.ops.ddetr.ms_deform_attn(
+                    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+                )
+        elif device == "cuda" and flags & 2:
+            # the CUDA kernels read locations and weights in value's dtype
             return torch.ops.ddetr.ms_deform_attn(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+                value, spatial_shapes, level_start_index, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
             )
     return ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -315,13 +315,38 @@ def test_bad_grad_output_shape(compiled):
         torch.ops.ddetr.ms_deform_attn_backward(torch.zeros(1, 5, 15), value, shapes, starts, loc, attn)
 
 
-def test_cpu_half_falls_back_to_torch(compiled):
-    args = make_inputs(1, [(3, 4)], 2, 8, 5, 2, seed=11)
-    half = [a.half() if a.is_floating_point() else a for a in args]
-    out = op.ms_deform_attn(*half)  # no CPU half kernel: the public entry point uses grid_sample
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out.float(), op.ms_deform_attn_torch(*[a.float() if a.is_floating_point() else a
-                                                                       for a in half]), rtol=1e-2, atol=1e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_reduced_precision_forward(case, dtype, compiled):
+    """bfloat16 / half value with float32 locations and weights (reduced-precision inference): the
+    CPU kernel accumulates in float32 and rounds once, so it equals the float32 kernel on the same
+    rounded values, rounded, to one rounding step (and the independent reference to the rounding)."""
+    value, shapes, starts, loc, attn = make_inputs(*CASES[case], seed=13)
+    low = value.to(dtype)
+    out = op.ms_deform_attn(low, shapes, starts, loc, attn)
+    assert out.dtype == dtype
+    via_float = compiled(low.float(), shapes, starts, loc, attn).to(dtype)
+    eps = torch.finfo(dtype).eps
+    # equal, or one rounding step apart where float32 FMA contraction differs by a last bit
+    torch.testing.assert_close(out, via_float, rtol=eps, atol=0)
+    torch.testing.assert_close(out.double(), reference_msda(low, shapes, loc, attn), rtol=eps, atol=eps)
+    # weights in the value's dtype are accepted too; the torch fallback agrees to the rounding
+    torch.testing.assert_close(op.ms_deform_attn(low, shapes, starts, loc, attn.to(dtype)).double(),
+                               reference_msda(low, shapes, loc, attn.to(dtype)), rtol=eps, atol=eps)
+    torch.testing.assert_close(op.ms_deform_attn_torch(low, shapes, starts, loc, attn).double(),
+                               reference_msda(low, shapes, loc, attn), rtol=eps, atol=eps)
+
+
+def test_cpu_reduced_precision_with_autograd_uses_fallback(compiled):
+    """No reduced-precision CPU backward kernel: with autograd the public entry point samples with
+    grid_sample, and gradients flow."""
+    value, shapes, starts, loc, attn = make_inputs(1, [(3, 4)], 2, 8, 5, 2, seed=11)
+    low = value.bfloat16().requires_grad_()
+    out = op.ms_deform_attn(low, shapes, starts, loc, attn)
+    out.float().sum().backward()
+    assert low.grad is not None and low.grad.dtype == torch.bfloat16 and low.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sampling_locations"):  # float32 beside float32 only
+        op.ms_deform_attn(value, shapes, starts, loc.bfloat16(), attn)
 
 
 # ---------------------------------------------------------------------------------------------
