@@ -312,19 +312,16 @@ def _predict_timed(detector: Any, images: list[np.ndarray], conf: float, max_det
     if isinstance(detector, Detector) and not getattr(detector.cfg, "masks", False):
         import torch
 
-        from ddetr_cli.data.transforms import preprocess
-
         def sync() -> None:
             if detector.device.type == "cuda":
                 torch.cuda.synchronize(detector.device)
 
         with torch.inference_mode():
             t0 = time.perf_counter()
-            pixels, mask = preprocess(images, detector.imgsz, detector.max_size, detector.device)
+            pixels, mask = detector.preprocess(images)
             sync()
             t1 = time.perf_counter()
-            with detector._autocast():
-                out = detector.model(pixels, mask)
+            out = detector.infer(pixels, mask)
             sync()
             t2 = time.perf_counter()
             dets = detector.decode(out, mask, [im.shape[:2] for im in images], conf, max_det, classes)
@@ -533,6 +530,7 @@ def evaluate(
         mapping=mapping, warnings=warnings, skipped=skipped,
         settings={"conf": conf, "max_det": max_det, "batch": batch, "max_images": max_images,
                   "imgsz": getattr(detector, "imgsz", None), "half": getattr(detector, "half", None),
+                  "dtype": str(getattr(detector, "dtype", "")).replace("torch.", "") or None,
                   "device": str(getattr(detector, "device", "")) or None},
         dataset={"root": str(dataset.root), "format": dataset.format, "split": dataset.split,
                  "images": len(dataset.records), "classes": len(dataset.class_names),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from ddetr_cli.data.images import ImageLike, read_image
 from ddetr_cli.data.transforms import preprocess
 from ddetr_cli.formats.labels import LabelTable
 from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.fusion import to_reduced_precision
+from ddetr_cli.ops.cpu import bf16_support
 
 
 def select_detections(
@@ -171,9 +174,20 @@ class Detector:
         # optimize=False keeps the model trainable (training's validation predicts with it)
         if optimize and not model.inference_only:
             model.optimize_for_inference()
-        if half and self.device.type != "cuda":
-            raise ValueError("--half needs a CUDA device")
         self.half = half
+        # CPU: bfloat16 weights where the CPU multiplies bfloat16 natively (CUDA: autocast)
+        self.dtype = torch.float32
+        if half and self.device.type == "cpu":
+            ok, why = bf16_support()
+            if not ok and os.environ.get("DDETR_CPU_BF16") != "force":
+                raise ValueError(f"--half on CPU needs AMX or AVX512-BF16, and this CPU has {why}: bfloat16 would run "
+                                 "slower than float32 here")
+            if not model.inference_only:
+                raise ValueError("--half on CPU is for inference (the model is kept trainable here)")
+            to_reduced_precision(model, torch.bfloat16, list(model.FLOAT32_HEADS))
+            self.dtype = torch.bfloat16
+        elif half and self.device.type != "cuda":
+            raise ValueError(f"--half needs a CUDA device or a CPU, not {self.device.type}")
         self.imgsz = imgsz or model.cfg.imgsz
         # the reference 800/1333 pair, scaled with the requested short side
         self.max_size = max_size if max_size is not None else int(round(self.imgsz * 1333 / 800))
@@ -200,7 +214,7 @@ class Detector:
         return [self.labels.name(i) for i in range(self.cfg.num_classes)]
 
     def _autocast(self):
-        if self.half:
+        if self.half and self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
@@ -210,12 +224,23 @@ class Detector:
         """RGB uint8 arrays -> raw model outputs (``logits``, ``boxes``) of one batch."""
         return self._forward(images)[0]
 
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB uint8 arrays -> (pixels (B, 3, Hp, Wp) normalised, in the model's input dtype, on its
+        device; padding mask (B, Hp, Wp) True on padding)."""
+        pixels, mask = preprocess(images, self.imgsz, self.max_size, self.device)
+        return pixels.to(self.dtype), mask
+
+    @torch.inference_mode()
+    def infer(self, pixels: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The model on a preprocessed batch (under autocast with ``half`` on CUDA) -> raw outputs."""
+        with self._autocast():
+            return self.model(pixels, mask)
+
     @torch.inference_mode()
     def _forward(self, images: Sequence[np.ndarray]) -> tuple[dict, torch.Tensor]:
         """-> (raw outputs, padding mask (B, Hp, Wp) of the batch)."""
-        pixels, mask = preprocess(images, self.imgsz, self.max_size, self.device)
-        with self._autocast():
-            return self.model(pixels, mask), mask
+        pixels, mask = self.preprocess(images)
+        return self.infer(pixels, mask), mask
 
     def decode(
         self,

@@ -25,6 +25,13 @@ from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to
 from ddetr_cli.ops.msda import ms_deform_attn
 
 
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of reference points, sampling locations, proposals and boxes for features of
+    ``dtype``: float32 for bfloat16 / float16 features (a bfloat16 coordinate near 1 is only good to
+    2**-9, a quarter pixel on a 134-pixel level and 2 px on a 1066-pixel image), else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention: each query samples P points per head and level."""
 
@@ -77,7 +84,7 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # loc = ref + offset / (W_l, H_l), computed on flat rows: the 6-d broadcast of the
             # plain expression is several times slower on CPU at encoder sizes
-            inv = 1.0 / torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+            inv = 1.0 / torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(reference_points.dtype)
             scale = inv[None, :, None, :].expand(m, nl, p, 2).reshape(-1)
             ref = reference_points.reshape(n * lq, 1, nl, 1, 2).expand(n * lq, 1, nl, p, 2).reshape(n * lq, 1, nl, p * 2)
             loc = (offsets.reshape(n * lq, m, nl, p * 2) * scale.view(m, nl, p * 2) + ref).view(n, lq, m, nl, p, 2)
@@ -86,7 +93,9 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc.to(value.dtype), weights.to(value.dtype))
+        # locations keep the reference points' float32 beside a reduced-precision value (the op
+        # takes both); weights are probabilities, for which the value's precision is enough
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights.to(value.dtype))
         return self.output_proj(out)
 
 
@@ -229,6 +238,9 @@ class DeformableDETR(nn.Module):
         if cfg.two_stage:
             self.transformer.decoder.class_embed = self.class_embed
 
+    # what stays float32 in reduced-precision inference (``fusion.to_reduced_precision``)
+    FLOAT32_HEADS = ("class_embed", "bbox_embed", "transformer.reference_points")
+
     def optimize_for_inference(self) -> "DeformableDETR":
         """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
         return optimize_for_inference(self)
@@ -284,18 +296,19 @@ class DeformableDETR(nn.Module):
     def _proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor, shapes: list[tuple[int, int]]):
         """memory (B, S, C), padding_mask (B, S) -> (object queries (B, S, C), proposal logits (B, S, 4))."""
         b = memory.shape[0]
+        geo = geometry_dtype(memory.dtype)
         props, start = [], 0
         for lvl, (h, w) in enumerate(shapes):
             m = padding_mask[:, start : start + h * w].view(b, h, w)
             valid_h = (~m[:, :, 0]).sum(1)
             valid_w = (~m[:, 0, :]).sum(1)
             gy, gx = torch.meshgrid(
-                torch.arange(h, dtype=memory.dtype, device=memory.device),
-                torch.arange(w, dtype=memory.dtype, device=memory.device),
+                torch.arange(h, dtype=geo, device=memory.device),
+                torch.arange(w, dtype=geo, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([gx, gy], -1)[None].expand(b, -1, -1, -1)
-            scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2).to(memory.dtype)
+            scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2).to(geo)
             grid = (grid + 0.5) / scale
             wh = torch.full_like(grid, 0.05 * (2.0**lvl))
             props.append(torch.cat([grid, wh], -1).view(b, -1, 4))
@@ -337,7 +350,9 @@ class DeformableDETR(nn.Module):
         )
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=images.device)
         level_start = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self._valid_ratios(m) for m in masks], 1).to(src_flat.dtype)
+        # reference points, proposals and boxes: float32 even when the features are bfloat16
+        geo = geometry_dtype(src_flat.dtype)
+        valid_ratios = torch.stack([self._valid_ratios(m) for m in masks], 1).to(geo)
 
         # An unpadded CPU batch (any single image) skips masking the values in every layer; on
         # CUDA the check would cost a sync, so the mask is always applied there.
@@ -345,7 +360,7 @@ class DeformableDETR(nn.Module):
 
         # encoder
         memory = src_flat
-        ref = self._encoder_reference_points(shapes, valid_ratios).to(src_flat.dtype)
+        ref = self._encoder_reference_points(shapes, valid_ratios).to(geo)
         for layer in t.encoder.layers:
             memory = layer(memory, pos_flat, ref, spatial_shapes, level_start, padding)
 
@@ -361,7 +376,7 @@ class DeformableDETR(nn.Module):
             top = torch.topk(enc_logits[..., 0], k, dim=1)[1]
             top_coords = torch.gather(enc_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference = top_coords.sigmoid()
-            pos_trans = t.pos_trans_norm(t.pos_trans(self._proposal_pos_embed(top_coords)))
+            pos_trans = t.pos_trans_norm(t.pos_trans(self._proposal_pos_embed(top_coords).to(memory.dtype)))
             query_pos, tgt = torch.split(pos_trans, d, dim=2)
         else:
             query_pos, tgt = torch.split(self.query_embed.weight, d, dim=1)

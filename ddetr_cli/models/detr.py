@@ -203,6 +203,9 @@ class DETR(nn.Module):
             self.bbox_attention = MHAttentionMap(d, cfg.nheads)
             self.mask_head = MaskHead(d + cfg.nheads, stages[-2::-1], d)
 
+    # what stays float32 in reduced-precision inference (``fusion.to_reduced_precision``)
+    FLOAT32_HEADS = ("class_embed", "bbox_embed")
+
     def optimize_for_inference(self) -> "DETR":
         """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
         return optimize_for_inference(self)
