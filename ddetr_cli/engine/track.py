@@ -32,7 +32,7 @@ Python API::
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,6 +40,10 @@ import supervision as sv
 from scipy.optimize import linear_sum_assignment
 
 TRACKERS = ("cbiou", "bytetrack", "ocsort", "botsort", "sort")
+# re-linking: a new track seen as a class the lost one was not costs this many object sizes, as
+# much as the base gate: only a close match after a long gap may change class (measured on
+# bench_track.py's clips and on ground-truth boxes, where a lighter 0.5 let objects swap ids)
+CLASS_CHANGE_COST = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ class Relinker:
     each predicts where its object is now from the velocity of its *full-size* boxes (a box that
     shrinks is being occluded, and its centre slows down with it) and the last of them. A new track
     whose centre lies within ``gate + 0.25 * sqrt(missed frames)`` sizes of a prediction (a class
-    change costs half a size; sizes within x0.25..x2) takes the best such id (Hungarian).
+    the lost track was not seen as costs ``CLASS_CHANGE_COST`` sizes; sizes within x0.25..x2) takes
+    the best such id (Hungarian).
     Ids come from one counter and are never given out twice.
     """
 
@@ -136,7 +141,7 @@ class Relinker:
         self.history = history
         self._inner: dict[int, int] = {}  # inner tracker id -> published id
         self._obs: dict[int, deque] = {}  # published id -> (t, cx, cy, w, h) rows, oldest first
-        self._cls: dict[int, int] = {}
+        self._cls: dict[int, deque] = {}  # published id -> its recent classes
         self._next = 1
 
     def _predict(self, oid: int, t: float) -> tuple[float, float, float, float, float]:
@@ -153,6 +158,12 @@ class Relinker:
             cx, cy = min(max(cx, 0.0), self.frame_size[0]), min(max(cy, 0.0), self.frame_size[1])
         return float(cx), float(cy), float(last[3]), float(last[4]), float(a[-1, 0])
 
+    def _classes(self, oid: int) -> set[int]:
+        """The classes ``oid`` was seen as, leaving out one-off flickers (< 30% of the most frequent)."""
+        counts = Counter(self._cls[oid])
+        top = max(counts.values())
+        return {k for k, v in counts.items() if v >= 0.3 * top}
+
     def _claim(self, new: list[int], rows: dict[int, int], xyxy: np.ndarray, cls: np.ndarray, t: float,
                taken: set[int]) -> dict[int, int]:
         """New inner ids -> lost published ids they continue."""
@@ -161,6 +172,7 @@ class Relinker:
             return {}
         cost = np.full((len(new), len(cands)), np.inf)
         preds = [self._predict(o, t) for o in cands]
+        classes = [self._classes(o) for o in cands]
         for a, n in enumerate(new):
             x1, y1, x2, y2 = (float(v) for v in xyxy[rows[n]])
             cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, np.sqrt(max(x2 - x1, 0) * max(y2 - y1, 0))
@@ -168,7 +180,8 @@ class Relinker:
                 ps = max(np.sqrt(pw * ph), 1e-6)
                 if not 0.25 <= s / ps <= 2.0:
                     continue
-                d = np.hypot(cx - px, cy - py) / ps + 0.5 * (self._cls[cands[c]] != int(cls[rows[n]]))
+                other_class = int(cls[rows[n]]) not in classes[c]
+                d = np.hypot(cx - px, cy - py) / ps + CLASS_CHANGE_COST * other_class
                 if d <= self.gate + 0.25 * np.sqrt(max(t - seen, 0.0) * self.fps):
                     cost[a, c] = d
         if not np.isfinite(cost).any():
@@ -197,7 +210,7 @@ class Relinker:
             out[k] = oid
             x1, y1, x2, y2 = (float(v) for v in xyxy[k])
             self._obs.setdefault(oid, deque(maxlen=self.history)).append((t, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1))
-            self._cls[oid] = int(cls[k])
+            self._cls.setdefault(oid, deque(maxlen=self.history)).append(int(cls[k]))
         return out
 
     def expire(self, t: float) -> list[int]:

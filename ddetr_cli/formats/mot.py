@@ -4,7 +4,8 @@ Every reader returns ``TrackFrames``: frame index (0-based, as ``ddetr video`` n
 of a source) -> (ids (K,) int64, boxes (K, 4) float64 xyxy px).
 
 * MOTChallenge ``gt.txt`` / results: ``frame, id, left, top, width, height, conf, class, visibility``
-  with 1-based frames; ground-truth rows whose ``conf`` (the "consider" flag) is 0 are left out.
+  with 1-based frames and 1-based pixel coordinates (as motmetrics reads them: ``left - 1``);
+  ground-truth rows whose ``conf`` (the "consider" flag) is 0 are left out.
 * The clip JSON of ``ddetr_cli.data.synth.clip_json`` (``examples/clip.json``): ``{"frames":
   [{"frame", "boxes", "ids", ...}]}``.
 * ``ddetr video --track --save-json`` lines: the detections with a ``track_id``; ``processed``
@@ -80,7 +81,7 @@ def read_mot_txt(path: str | Path, ground_truth: bool = True) -> TrackFrames:
             continue  # MOTChallenge: "consider" flag 0 = ignore this box
         if frame < 1:
             raise TrackFileError(f"{p}:{n}: MOT frames start at 1, got {frame:g}")
-        rows.append((int(frame) - 1, int(tid), [x, y, x + w, y + h]))
+        rows.append((int(frame) - 1, int(tid), [x - 1, y - 1, x - 1 + w, y - 1 + h]))
     if not rows:
         raise TrackFileError(f"{p}: no boxes")
     return TrackFrames(_collect(rows))
@@ -134,7 +135,8 @@ def read_truth(path: str | Path) -> TrackFrames:
 
 
 def mot_lines(frames: Mapping[int, tuple[np.ndarray, np.ndarray]], scores: Mapping[int, np.ndarray] | None = None) -> str:
-    """Tracks as MOTChallenge result rows (1-based frames; ``conf`` = the score, or 1)."""
+    """Tracks (0-based frames, xyxy px) as MOTChallenge result rows (1-based frames and pixels;
+    ``conf`` = the score, or 1)."""
     out = []
     for f in sorted(frames):
         ids, boxes = frames[f]
@@ -142,5 +144,5 @@ def mot_lines(frames: Mapping[int, tuple[np.ndarray, np.ndarray]], scores: Mappi
         for k, (i, b) in enumerate(zip(ids, boxes)):
             x1, y1, x2, y2 = (float(v) for v in b)
             c = float(sc[k]) if sc is not None else 1.0
-            out.append(f"{f + 1},{int(i)},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{c:.4f},-1,-1,-1")
+            out.append(f"{f + 1},{int(i)},{x1 + 1:.2f},{y1 + 1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{c:.4f},-1,-1,-1")
     return "\n".join(out) + ("\n" if out else "")
