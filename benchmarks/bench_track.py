@@ -122,7 +122,8 @@ def main() -> None:
             m = score_tracks(truth, tracks)
             means.setdefault(label, []).append(m["IDF1"])
             bold = "**" if label == default.tracker else ""
-            print(f"| {name} | {m['frames']} | {m['objects']} | {bold}{label}{bold} | {m['IDF1']:.3f} | {m['HOTA']:.3f} | {m['MOTA']:.3f} | "
+            print(f"| {name} | {m['frames']} | {m['objects']} | {bold}{label}{bold} | {m['IDF1']:.3f} | {m['HOTA']:.3f} | "
+                  f"{m['MOTA']:.3f} | "
                   f"{m['IDSW']} | {m['Frag']} | {m['MT']}/{m['objects']} | {m['tracks']} | {ms:.2f} |")
     print("\n| tracker | mean IDF1 over the clips |\n|---|---:|")
     for label, v in means.items():

@@ -491,7 +491,7 @@ def eval_cmd(
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
-    track: Annotated[bool, typer.Option("--track", help="Score tracking instead (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
+    track: Annotated[bool, typer.Option("--track", help="Score tracking (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
     gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt or a clip JSON like "
                                                             "examples/clip.json (default: the video's name with .json).")] = None,
     tracker: Annotated[str, typer.Option("--tracker", help="--track: " + TRACKER_HELP)] = "cbiou",
