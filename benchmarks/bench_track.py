@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--conf", type=float, default=0.3, help="drawing threshold (the video default)")
     ap.add_argument("--sweep", action="store_true", help="also grid the default tracker's high/low thresholds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder keeping each clip's detections (.npz): later runs (other trackers, --sweep) skip the model")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,15 +104,28 @@ def main() -> None:
             gt.write_text(json.dumps(synth.clip_json(truth, fps=args.fps, size=(w, h))))
             clips[scene] = (read_clip_json(gt), decode(video), float(args.fps))
     t0 = time.perf_counter()
-    dets = {name: detect_all(det, frames) for name, (_, frames, _) in clips.items()}
-    n_frames = sum(len(f) for _, f, _ in clips.values())
-    model_ms = 1000 * (time.perf_counter() - t0) / n_frames
+    dets, n_run = {}, 0
+    for name, (_, frames, _) in clips.items():
+        key = args.cache / f"{Path(args.model).stem}_{name}_{args.size}_{args.frames}_{args.fps}_{args.seed}.npz" if args.cache else None
+        if key is not None and key.is_file():
+            z = np.load(key)
+            dets[name] = [sv.Detections(xyxy=z[f"b{i}"], confidence=z[f"s{i}"], class_id=z[f"c{i}"]) for i in range(len(frames))]
+            continue
+        dets[name] = detect_all(det, frames)
+        n_run += len(frames)
+        if key is not None:
+            key.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {f"{k}{i}": v for i, d in enumerate(dets[name])
+                      for k, v in (("b", d.xyxy), ("s", d.confidence), ("c", d.class_id))}
+            np.savez(key, **arrays)
+    model_ms = 1000 * (time.perf_counter() - t0) / max(n_run, 1)
 
     default = TrackSettings()
     runs = [("previous", PREVIOUS, True)] + [(name, replace(default, tracker=name), False)
                                               for name in [t.strip() for t in args.trackers.split(",") if t.strip()]]
     print(f"\n`ddetr video --track` on synthetic clips ({args.size}, {args.fps} fps, seed {args.seed}), model {args.model} "
-          f"({model_ms:.0f} ms/frame), {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"({f'{model_ms:.0f} ms/frame' if n_run else 'detections from --cache'}), {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads; "
           f"thresholds high {default.high:g} / low {default.low:g}, duplicate NMS IoU {default.nms_iou:g}, re-link within "
           f"{default.relink_s:g} s, drawing conf {args.conf:g}\n")
     print("| clip | frames | objects | tracker | IDF1 | HOTA | MOTA | ID switches | frag. | mostly tracked | ids | tracker ms/frame |")

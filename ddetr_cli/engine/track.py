@@ -54,7 +54,8 @@ class TrackSettings:
     from ``low`` up to ``high`` only continue existing tracks (ByteTrack's second stage); below
     ``low`` the tracker never sees them. ``nms_iou``: two boxes overlapping more than this are one
     object (the better-scored is kept). ``lost_s``: how long the inner tracker coasts a missed
-    track; ``relink_s``: how long an id stays claimable by a new track (``Relinker``); ``gate``:
+    track; ``relink_s``: how long an id stays claimable by a new track (``Relinker``; an id ends
+    when both have passed); ``gate``:
     how far (in object sizes) a new track may start from where the lost one was heading.
     ``min_frames``: consecutive matches before a track gets an id.
     """
@@ -136,8 +137,10 @@ class Relinker:
     """
 
     def __init__(self, fps: float, max_gap_s: float = 2.0, gate: float = 2.0, frame_size: tuple[int, int] | None = None,
-                 history: int = 15) -> None:
+                 history: int = 15, keep_s: float | None = None) -> None:
         self.fps, self.max_gap_s, self.gate, self.frame_size = fps, max_gap_s, gate, frame_size
+        # an id lives while it may be re-linked or its inner track may still come back by itself
+        self.keep_s = max(max_gap_s, keep_s or 0.0)
         self.history = history
         self._inner: dict[int, int] = {}  # inner tracker id -> published id
         self._obs: dict[int, deque] = {}  # published id -> (t, cx, cy, w, h) rows, oldest first
@@ -214,8 +217,8 @@ class Relinker:
         return out
 
     def expire(self, t: float) -> list[int]:
-        """Forget ids lost for longer than ``max_gap_s`` (they can no longer come back); returns them."""
-        gone = [o for o, h in self._obs.items() if t - h[-1][0] > self.max_gap_s]
+        """Forget ids lost for longer than ``keep_s`` (they can no longer come back); returns them."""
+        gone = [o for o, h in self._obs.items() if t - h[-1][0] > self.keep_s]
         for o in gone:
             del self._obs[o], self._cls[o]
         if gone:
@@ -229,7 +232,7 @@ class Relinker:
 @dataclass
 class TrackEvents:
     """What changed at the last ``Tracker.update``: ids seen for the first time, and ids given up
-    (lost for longer than ``relink_s``: they will not come back)."""
+    (lost for longer than ``relink_s`` and ``lost_s``: they will not come back)."""
 
     started: list[int] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
@@ -248,7 +251,7 @@ class Tracker:
         self.settings = settings or TrackSettings()
         self.fps = fps
         self._inner = make_tracker(self.settings, fps)
-        self._relink = Relinker(fps, self.settings.relink_s, self.settings.gate, frame_size)
+        self._relink = Relinker(fps, self.settings.relink_s, self.settings.gate, frame_size, keep_s=self.settings.lost_s)
         self._seen: set[int] = set()
         self.events = TrackEvents()
         self._frame = 0
