@@ -241,9 +241,9 @@ class TrackEvents:
 class Tracker:
     """Stable ids over sv.Detections: duplicate suppression, a ``trackers`` tracker, re-linking.
 
-    ``update`` takes one frame's detections (all scores >= ``settings.low`` matter: lower ones are
-    dropped here) and returns the kept ones (duplicates removed, possibly reordered) with
-    ``tracker_id`` (N,) set: the published id, or -1 for a detection no confirmed track holds.
+    ``update`` takes one frame's detections (those scoring >= ``settings.low`` go to the tracker)
+    and returns them without duplicates, possibly reordered, with ``tracker_id`` (N,) set: the
+    published id, or -1 for a detection no confirmed track holds (always for scores < ``low``).
     Timestamps (seconds) let the motion model step over dropped frames correctly.
     """
 
@@ -262,13 +262,17 @@ class Tracker:
         t = self._frame / self.fps if timestamp is None else float(timestamp)
         self._frame += 1
         scores = dets.confidence if dets.confidence is not None else np.ones(len(dets), np.float32)
-        keep = np.flatnonzero(scores >= s.low)
-        keep = keep[suppress_duplicates(dets.xyxy[keep], scores[keep], s.nms_iou)]
-        dets = dets[keep]
+        dets = dets[suppress_duplicates(dets.xyxy, scores, s.nms_iou)]
+        scores = dets.confidence if dets.confidence is not None else np.ones(len(dets), np.float32)
+        weak = dets[scores < s.low]  # not for the tracker; still drawn if the caller's --conf is lower
+        dets = dets[scores >= s.low]
         if s.tracker == "botsort":
             out = self._inner.update(dets, frame=frame, timestamp=timestamp)
         else:
             out = self._inner.update(dets, timestamp=timestamp)
+        if len(weak):
+            weak.tracker_id = np.full(len(weak), -1, dtype=int)
+            out = sv.Detections.merge([out, weak]) if len(out) else weak
         inner = out.tracker_id if out.tracker_id is not None else np.full(len(out), -1, dtype=int)
         cls = out.class_id if out.class_id is not None else np.zeros(len(out), dtype=int)
         out.tracker_id = self._relink.update(np.asarray(inner, dtype=int), out.xyxy, cls, t)
