@@ -2,8 +2,9 @@
 
 The pipeline decodes, infers and annotates/encodes (H.264 + JSONL) concurrently, so on a machine
 where the model is the bottleneck its frames/s should stay close to (target >= 90% of) the
-model-only rate measured on pre-decoded frames. A random tiny model keeps the run near a minute
-on CPU; pass --model for a real one.
+model-only rate measured on pre-decoded frames, with and without ``--track`` (the tracker gets
+every detection down to its low threshold). A random tiny model keeps the run near a minute on
+CPU; pass --model for a real one (``--model demo`` finds real objects to track).
 
     python benchmarks/bench_video.py                  # 1280x720, 24 frames, imgsz 320, tiny model, best of 2
     python benchmarks/bench_video.py --threads 2 --batch 2 --imgsz 640
@@ -74,7 +75,7 @@ def main() -> None:
 
         # rounds alternate the two runs and the best of each is kept: on a shared machine the load
         # of other processes changes by the second, and the minimum is the least disturbed run
-        model_s = pipe_s = float("inf")
+        model_s = pipe_s = track_s = float("inf")
         for r in range(args.repeat):
             t = time.perf_counter()
             for i in range(0, len(frames), args.batch):
@@ -87,8 +88,14 @@ def main() -> None:
             pipe_s = min(pipe_s, time.perf_counter() - t)
             assert res.frames == args.frames, (res.frames, args.frames)
 
-    model_fps, pipe_fps = args.frames / model_s, res.frames / pipe_s
-    ratio = pipe_fps / model_fps
+            t = time.perf_counter()
+            tres = run_video(det, clip, Path(tmp) / f"track{r}", batch=args.batch, conf=args.conf, save=True, save_json=True,
+                             track=True, handle_signals=False)
+            track_s = min(track_s, time.perf_counter() - t)
+            assert tres.frames == args.frames, (tres.frames, args.frames)
+
+    model_fps, pipe_fps, track_fps = args.frames / model_s, res.frames / pipe_s, tres.frames / track_s
+    ratio, track_ratio = pipe_fps / model_fps, track_fps / model_fps
     print(f"\n`ddetr video` on a {w}x{h} clip, {args.frames} frames, imgsz {args.imgsz}, batch {args.batch}, "
           f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), "
           f"output {res.codec} + JSONL, best of {args.repeat}\n")
@@ -96,7 +103,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| model only (frames pre-decoded) | {args.frames} | {model_s:.2f} | {model_fps:.2f} |")
     print(f"| pipeline: decode + model + annotate + H.264 encode + JSONL | {res.frames} | {pipe_s:.2f} | {pipe_fps:.2f} |")
-    print(f"| **ratio pipeline / model** | | | **{ratio:.1%}** {'(>= 90% target met)' if ratio >= 0.9 else '(below the 90% target)'} |")
+    what = f"pipeline + --track ({tres.tracks} track ids, {tres.detections} boxes drawn)"
+    print(f"| {what} | {tres.frames} | {track_s:.2f} | {track_fps:.2f} |")
+    for what, v in (("pipeline", ratio), ("pipeline + --track", track_ratio)):
+        print(f"| **ratio {what} / model** | | | **{v:.1%}** {'(>= 90% target met)' if v >= 0.9 else '(below the 90% target)'} |")
 
 
 if __name__ == "__main__":

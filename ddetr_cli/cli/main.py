@@ -318,6 +318,24 @@ def _detect_summary(res) -> None:
 
 # -- video --------------------------------------------------------------------------------------
 
+TRACKER_HELP = ("cbiou (default: best on bench_track.py), bytetrack, ocsort, botsort (camera-motion compensation) or sort; "
+                "all from the trackers package.")
+TRACK_HIGH_HELP = "Tracking: detections scoring at least this start tracks and are matched first (default 0.5, measured)."
+TRACK_LOW_HELP = "Tracking: detections from this score up only continue tracks; lower ones are ignored (default 0.1, measured)."
+
+
+def _track_settings(tracker: str, high: Optional[float], low: Optional[float]):
+    from ddetr_cli.engine.track import TRACKERS, TrackSettings
+
+    d = TrackSettings()
+    name, high, low = tracker.strip().lower(), d.high if high is None else high, d.low if low is None else low
+    if name not in TRACKERS:
+        raise UserError(f"unknown --tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
+    if low > high:
+        raise UserError(f"--track-low ({low:g}) must not be above --track-high ({high:g})")
+    return TrackSettings(tracker=name, high=high, low=low)
+
+
 
 @app.command()
 def video(
@@ -329,11 +347,16 @@ def video(
     save: Annotated[bool, typer.Option("--save", help="Write the annotated video (H.264 MP4) to the run folder.")] = False,
     save_json: Annotated[bool, typer.Option("--save-json", help="Write one JSON line per processed frame (default when nothing else is "
                                                                 "asked for).")] = False,
-    track: Annotated[bool, typer.Option("--track", help="ByteTrack ids, stable across frames.")] = False,
+    track: Annotated[bool, typer.Option("--track", help="Track objects: ids stable across frames, kept through short misses; the JSON "
+                                                        "lines say when each id starts and ends.")] = False,
+    tracker: Annotated[str, typer.Option("--tracker", help=TRACKER_HELP)] = "cbiou",
+    track_high: Annotated[Optional[float], typer.Option("--track-high", help=TRACK_HIGH_HELP, min=0.0, max=1.0)] = None,
+    track_low: Annotated[Optional[float], typer.Option("--track-low", help=TRACK_LOW_HELP, min=0.0, max=1.0)] = None,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a "
                                                         "model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever "
                                                         "the model makes them.")] = False,
-    conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
+    conf: Annotated[float, typer.Option(help="Score threshold of what is drawn and saved (with --track, boxes that continue a track "
+                                             "are kept below it).", min=0.0, max=1.0)] = 0.3,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in "
                                                                            "predictions.json (repeat or comma-separate).")] = None,
     max_det: Annotated[int, typer.Option("--max-det", help="Most detections per frame.", min=1)] = 100,
@@ -366,6 +389,8 @@ def video(
       ddetr video cam0 --show --track
 
       ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
+
+      ddetr video clip.mp4 --track --tracker bytetrack --track-high 0.6 --save-json
     """
     import time
 
@@ -377,6 +402,7 @@ def video(
     if not (show or save or save_json):
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
+    settings = _track_settings(tracker, track_high, track_low)
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
     if masks:
         _require_masks(det, model)
@@ -386,7 +412,7 @@ def video(
         console.print(f"[yellow]video:[/] {msg}", highlight=False, soft_wrap=True)
 
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
-                   track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
+                   track=track, track_settings=settings, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
     run_dir = _run_dir(out_dir, "video", exist_ok)
     columns = (
@@ -439,7 +465,9 @@ def _video_summary(res) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder.", show_default=False)],
+    dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder; with --track a video "
+                                                "file, or the .jsonl of an earlier 'ddetr video --track --save-json'.",
+                                           show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
                                                                        "Default: the COCO model.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="With 'coco': a folder holding val2017/ and "
@@ -455,17 +483,30 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="--track: track only these classes (names or category ids; "
+                                                                           "repeat or comma-separate).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/eval/expN, never overwritten).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+    track: Annotated[bool, typer.Option("--track", help="Score tracking (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt or a clip JSON like "
+                                                            "examples/clip.json (default: the video's name with .json).")] = None,
+    tracker: Annotated[str, typer.Option("--tracker", help="--track: " + TRACKER_HELP)] = "cbiou",
+    track_high: Annotated[Optional[float], typer.Option("--track-high", help=TRACK_HIGH_HELP, min=0.0, max=1.0)] = None,
+    track_low: Annotated[Optional[float], typer.Option("--track-low", help=TRACK_LOW_HELP, min=0.0, max=1.0)] = None,
+    vid_stride: Annotated[int, typer.Option("--vid-stride", help="--track: process every N-th frame (the others are not scored).",
+                                            min=1)] = 1,
 ) -> None:
-    """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data.
+    """Score a model with COCO metrics (AP, AP50, ..., AR100) on COCO val2017 or your own data,
+    or (--track) score tracking on a video against MOT-style ground truth.
 
     Writes metrics.json, pr_curve.png and (--save-predictions) predictions.json. Mask AP is
     reported beside box AP when the dataset has segmentations and the model has a mask head.
+    With --track: track_metrics.json, the JSON lines of the run and tracks.txt (MOTChallenge
+    results, for TrackEval); --conf (default 0.3 there) is the video's drawing threshold.
 
     Examples:
 
@@ -474,7 +515,17 @@ def eval_cmd(
       ddetr eval coco --data /datasets/coco --max-images 500
 
       ddetr eval ./mydata --model runs/finetune/exp/best.safetensors --json
+
+      ddetr eval examples/clip.mp4 --track --model demo
+
+      ddetr eval MOT17-04.mp4 --track --gt MOT17-04/gt/gt.txt --classes person --tracker bytetrack
+
+      ddetr eval runs/video/exp/clip.jsonl --track --gt examples/clip.json
     """
+    if track:
+        return _eval_track(dataset, gt, model=model, conf=conf, classes=classes, max_det=max_det, imgsz=imgsz, batch=batch,
+                           device=device, half=half, out_dir=out_dir, exist_ok=exist_ok, quiet=quiet, as_json=as_json,
+                           settings=_track_settings(tracker, track_high, track_low), vid_stride=vid_stride)
     from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
     from ddetr_cli.data.datasets import load_dataset
     from ddetr_cli.engine.evaluator import EvalError, evaluate
@@ -520,6 +571,71 @@ def eval_cmd(
         _eval_summary(res)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _eval_track(source: str, gt: Optional[Path], *, model, conf: float, classes, max_det: int, imgsz, batch: int, device: str,
+                half: bool, out_dir: Optional[Path], exist_ok: bool, quiet: bool, as_json: bool, settings, vid_stride: int) -> None:
+    """``ddetr eval SOURCE --track``: a video is tracked (then scored), a .jsonl is scored as it is."""
+    from ddetr_cli.engine.track_eval import TrackEvalError, TrackEvalResult, evaluate_video, score_tracks, write_result
+    from ddetr_cli.engine.video import parse_source
+    from ddetr_cli.formats.mot import TrackFileError, read_truth, read_video_jsonl
+
+    src = Path(source)
+    from_jsonl = src.suffix.lower() == ".jsonl"
+    if gt is None:
+        gt = src.with_suffix(".json")
+        if from_jsonl or not gt.is_file():
+            raise UserError(f"--track needs --gt (a MOTChallenge gt.txt or a clip JSON); there is no {gt.name} beside {src.name}")
+    try:
+        truth = read_truth(gt)
+        if from_jsonl:
+            tracks = read_video_jsonl(src)
+            res = TrackEvalResult(score_tracks(truth, tracks), settings={"source": str(src), "gt": str(gt)})
+            if out_dir is not None:
+                write_result(res, _run_dir(out_dir, "eval", exist_ok), tracks)
+        else:
+            live = parse_source(source).live
+            if live:
+                raise UserError(f"{source}: --track scores a video file (a live source has no ground truth frames)")
+            det, class_ids = _load_detector(model, device, half, imgsz, classes)
+            run_dir = _run_dir(out_dir, "eval", exist_ok)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress = Progress(TextColumn("[bold]track"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                                disable=quiet or as_json)
+            with progress:
+                task = progress.add_task("track", total=None)
+                res = evaluate_video(det, source, truth, run_dir, settings=settings, conf=conf if conf > 0 else 0.3, classes=class_ids,
+                                     max_det=max_det, batch=batch, stride=vid_stride, handle_signals=False,
+                                     on_progress=lambda st: progress.update(task, completed=st.frames, total=st.total))
+            res.settings.update(model=model or "default", gt=str(gt))
+    except (TrackFileError, TrackEvalError) as e:
+        raise UserError(str(e)) from None
+    if as_json:
+        _print_json(res.to_dict())
+    elif not quiet:
+        _track_summary(res)
+
+
+def _track_summary(res) -> None:
+    from ddetr_cli.engine.track_eval import METRIC_HELP
+
+    m = res.metrics
+    t = Table(title=f"ddetr eval --track: {m['frames']} frames, {m['objects']} objects ({m['gt_boxes']} boxes), "
+                    f"{m['tracks']} track ids ({m['boxes']} boxes)", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("", style="dim")
+    for k, help_ in METRIC_HELP.items():
+        v = m[k]
+        t.add_row(f"[bold]{k}[/]" if k == "IDF1" else k, f"{v:.3f}" if isinstance(v, float) else str(v), help_)
+    console.print(t)
+    st = res.settings
+    if "tracker" in st:
+        console.print(f"tracker {st['tracker']}, high {st['high']:g}, low {st['low']:g}, conf {st['conf']:g}; {res.seconds:.1f} s",
+                      highlight=False)
+    for kind, path in res.outputs.items():
+        console.print(f"{kind:>7}: {path}", highlight=False)
 
 
 class _DownloadBars:

@@ -363,46 +363,136 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> str:
         return "mp4v"
 
 
-def make_clip(path: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240), fps: int = 15,
-              seed: int = 0) -> list[dict]:
-    """Write a clip of 2-5 shapes moving at constant velocity, fully inside the frame throughout.
+CLIP_SCENES: dict[str, str] = {
+    "lines": "2-5 shapes in straight lines at constant speed (the bundled examples/clip.mp4)",
+    "crowd": "9 smaller shapes in straight lines: more objects, passing over each other",
+    "crossing": "3 pairs of same-class shapes that swap places, crossing (and hiding) each other mid-clip",
+    "occluder": "4 shapes moving sideways behind a grey pillar that hides each for several frames",
+    "fast": "4 shapes bouncing off the frame edges at ~4x the speed of 'lines'",
+    "dropped": "'lines', as a stream that lost 1-3 frames at a time (about a third of them): objects jump",
+}
 
-    `size` is (width, height); both should be even for yuv420p. Returns one dict per frame:
-    {"frame": int, "boxes": (K, 4) float32 xyxy px of the visible part, "labels": (K,) int64,
-    "ids": (K,) int64 object ids, stable across frames}. Objects less than ``MIN_VISIBLE`` visible
-    in a frame are absent from that frame's ground truth.
+
+def _scene_tracks(scene: str, rng: np.random.Generator, width: int, height: int,
+                  frames: int) -> tuple[list[_Shape], np.ndarray, np.ndarray | None]:
+    """Objects and their motion: (shapes, (T, K, 2) centres per frame, (H, W) bool occluder or None)."""
+    side = min(width, height)
+    a = np.arange(frames) / max(frames - 1, 1)  # the clip's progress, 0 -> 1
+    if scene in ("lines", "dropped", "crowd"):
+        # "lines" keeps its first draws: the committed examples/clip.mp4 is this scene, seed 0
+        n = int(rng.integers(2, 6)) if scene != "crowd" else 9
+        lo, hi = (0.07, 0.18) if scene != "crowd" else (0.05, 0.1)
+        shapes, centres = [], []
+        for k in range(n):
+            r = float(rng.uniform(lo, hi) * side)
+            start = _random_shape(rng, width, height, label=k % len(CLASS_NAMES), r=r)
+            end = _random_shape(rng, width, height, label=start.label, r=r)
+            shapes.append(start)
+            centres.append(np.stack([start.cx + a * (end.cx - start.cx), start.cy + a * (end.cy - start.cy)], 1))
+        return shapes, np.stack(centres, 1), None
+    if scene == "crossing":
+        shapes, centres = [], []
+        for k in range(3):  # pair k meets at its own x, at the middle of the clip
+            r = float(rng.uniform(0.08, 0.11) * side)
+            label = int(rng.integers(0, len(CLASS_NAMES)))
+            y = (k + 0.5) * height / 3
+            x = width * (0.3 + 0.2 * k)
+            dx = min(x - r - 1, width - x - r - 2)
+            dy = float(rng.uniform(-0.2, 0.2) * height / 3)
+            for sign in (1, -1):  # the two shapes of a pair move in opposite directions
+                s = _random_shape(rng, width, height, label=label, r=r)
+                centres.append(np.stack([x - sign * dx * (1 - 2 * a), y - sign * dy * (1 - 2 * a) + sign * 0.25 * r], 1))
+                shapes.append(s)
+        return shapes, np.stack(centres, 1), None
+    if scene == "occluder":
+        shapes, centres = [], []
+        for k in range(4):
+            r = float(rng.uniform(0.07, 0.1) * side)
+            s = _random_shape(rng, width, height, label=k % len(CLASS_NAMES), r=r)
+            y = (k + 0.5) * height / 4
+            x0, x1 = (r + 1, width - r - 2) if k % 2 == 0 else (width - r - 2, r + 1)
+            shapes.append(s)
+            centres.append(np.stack([x0 + a * (x1 - x0), np.full_like(a, y)], 1))
+        pillar = np.zeros((height, width), bool)
+        half = int(round(0.11 * side))
+        pillar[:, width // 2 - half : width // 2 + half] = True
+        return shapes, np.stack(centres, 1), pillar
+    if scene == "fast":
+        shapes, centres = [], []
+        for k in range(4):
+            r = float(rng.uniform(0.07, 0.12) * side)
+            s = _random_shape(rng, width, height, label=k % len(CLASS_NAMES), r=r)
+            ang = rng.uniform(0, 2 * np.pi)
+            speed = 0.06 * side  # px per frame: "lines" moves ~0.015 side per frame at 45 frames
+            lo = np.array([r + 1, r + 1])
+            span = np.array([width - r - 2, height - r - 2]) - lo
+            raw = np.array([s.cx, s.cy])[None] - lo + np.arange(frames)[:, None] * speed * np.array([np.cos(ang), np.sin(ang)])[None]
+            folded = np.abs((raw + span) % (2 * span) - span)  # reflect off the edges
+            shapes.append(s)
+            centres.append(lo + folded)
+        return shapes, np.stack(centres, 1), None
+    raise ValueError(f"unknown clip scene {scene!r}; choose from {', '.join(CLIP_SCENES)}")
+
+
+def make_clip(path: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240), fps: int = 15,
+              seed: int = 0, scene: str = "lines") -> list[dict]:
+    """Write a clip of moving shapes (``scene``: one of ``CLIP_SCENES``), every shape inside the frame.
+
+    `size` is (width, height); both should be even for yuv420p. Returns one dict per frame of the
+    written video: {"frame": int, "boxes": (K, 4) float32 xyxy px of the visible part, "labels": (K,)
+    int64, "ids": (K,) int64 object ids, stable across frames}. Objects less than ``MIN_VISIBLE``
+    visible in a frame (under another shape or the "occluder" pillar) are absent from that frame's
+    ground truth. "dropped" renders ``frames`` frames and writes only those a lossy stream kept,
+    numbered as written (``source_frame`` in each dict says which rendered frame it was).
     """
     path = Path(path)
     width, height = size
     rng = np.random.default_rng([seed, 7])
-    n = int(rng.integers(2, 6))
-    side = min(width, height)
-    tracks = []
-    for k in range(n):
-        r = float(rng.uniform(0.07, 0.18) * side)
-        start = _random_shape(rng, width, height, label=k % len(CLASS_NAMES), r=r)
-        end = _random_shape(rng, width, height, label=start.label, r=r)
-        tracks.append((start, end))
+    shapes, centres, occluder = _scene_tracks(scene, rng, width, height, frames)
+    n = len(shapes)
     background = _background(rng, width, height)
+    kept = np.arange(frames)
+    if scene == "dropped":
+        drop_rng = np.random.default_rng([seed, 9])
+        lost = np.zeros(frames, bool)
+        t = 2
+        while t < frames - 1:  # runs of 1-3 lost frames, about one frame in three overall
+            run = int(drop_rng.integers(1, 4))
+            lost[t : t + run] = True
+            t += run + int(drop_rng.integers(2, 6))
+        kept = np.flatnonzero(~lost)
     images, truth = [], []
-    for t in range(frames):
-        a = t / max(frames - 1, 1)
-        shapes = [_Shape(label=s.label, cx=s.cx + a * (e.cx - s.cx), cy=s.cy + a * (e.cy - s.cy),
-                         r=s.r, angle=s.angle, aspect=s.aspect, color=s.color) for s, e in tracks]
-        masks = [_shape_mask(s, width, height) for s in shapes]
+    for out_index, t in enumerate(kept):
+        shapes_t = [replace(s, cx=float(c[0]), cy=float(c[1])) for s, c in zip(shapes, centres[t])]
+        masks = [_shape_mask(s, width, height) for s in shapes_t]
         canvas = background.copy()
-        frame_rng = np.random.default_rng([seed, 8, t])
-        for s, m in zip(shapes, masks):
+        frame_rng = np.random.default_rng([seed, 8, int(t)])
+        for s, m in zip(shapes_t, masks):
             _paint(canvas, m, s, frame_rng)
+        if occluder is not None:  # a grey pillar in front of every shape
+            canvas[occluder] = 0.8 * background[occluder] + 0.2 * 128.0
         images.append(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
-        boxes, ratios = _visible_boxes(masks)
+        boxes, ratios = _visible_boxes(masks + ([occluder] if occluder is not None else []))
+        boxes, ratios = boxes[:n], ratios[:n]
         keep = ratios >= MIN_VISIBLE
-        truth.append({"frame": t, "boxes": boxes[keep].astype(np.float32),
-                      "labels": np.array([s.label for s in shapes], np.int64)[keep],
-                      "ids": np.arange(n, dtype=np.int64)[keep]})
+        rec = {"frame": out_index, "boxes": boxes[keep].astype(np.float32),
+               "labels": np.array([s.label for s in shapes_t], np.int64)[keep],
+               "ids": np.arange(n, dtype=np.int64)[keep]}
+        if scene == "dropped":
+            rec["source_frame"] = int(t)
+        truth.append(rec)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_video(path, images, fps)
     return truth
+
+
+def clip_json(truth: list[dict], *, fps: float, size: tuple[int, int]) -> dict:
+    """``make_clip``'s ground truth as the JSON document ``examples/clip.json`` holds (and
+    ``ddetr eval --track`` reads): {"fps", "width", "height", "class_names", "frames": [{"frame",
+    "boxes" (int xyxy px), "labels", "ids"}, ...]}."""
+    return {"fps": fps, "width": size[0], "height": size[1], "class_names": CLASS_NAMES,
+            "frames": [{"frame": f["frame"], "boxes": f["boxes"].astype(int).tolist(),
+                        "labels": f["labels"].tolist(), "ids": f["ids"].tolist()} for f in truth]}
 
 
 # --------------------------------------------------------------------------- examples + CLI
@@ -434,11 +524,7 @@ def make_examples(root: Path, *, seed: int = 0) -> dict:
                               "labels": [CLASS_NAMES[k] for k in labels]}
     _write(root / "images" / "boxes.json", json.dumps(truth_images, indent=1) + "\n")
     clip = make_clip(root / "clip.mp4", frames=45, size=(320, 240), fps=15, seed=seed)
-    clip_json = {"fps": 15, "width": 320, "height": 240, "class_names": CLASS_NAMES,
-                 "frames": [{"frame": f["frame"], "boxes": f["boxes"].astype(int).tolist(),
-                             "labels": f["labels"].tolist(), "ids": f["ids"].tolist()}
-                            for f in clip]}
-    _write(root / "clip.json", json.dumps(clip_json) + "\n")
+    _write(root / "clip.json", json.dumps(clip_json(clip, fps=15, size=(320, 240))) + "\n")
     summary = generate(root / "data", n_train=16, n_val=8, size=(320, 240), seed=seed)
     return {"images": len(_EXAMPLE_SIZES), "clip_frames": len(clip), "data": summary}
 

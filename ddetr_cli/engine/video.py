@@ -42,6 +42,7 @@ import supervision as sv  # noqa: E402
 
 from ddetr_cli.data.sources import SourceError  # noqa: E402
 from ddetr_cli.engine.draw import Annotator  # noqa: E402
+from ddetr_cli.engine.track import Tracker, TrackSettings, tracked_output  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
 
@@ -468,34 +469,6 @@ class Display:
 # -- tracking -----------------------------------------------------------------------------------
 
 
-class Tracker:
-    """ByteTrack (``trackers`` package) over sv.Detections: ids stable across frames.
-
-    ``update`` returns the same N detections (possibly reordered) with ``tracker_id`` (N,) set;
-    -1 marks a detection not (yet) part of a confirmed track. Timestamps (seconds) let the Kalman
-    filter step over dropped frames correctly.
-    """
-
-    def __init__(self, fps: float = 30.0, activation: float = 0.5, high_conf: float = 0.5, lost_frames: int = 30,
-                 min_frames: int = 2, min_iou: float = 0.1) -> None:
-        from trackers import ByteTrackTracker
-
-        # DETR scores are lower and flatter than YOLO's, so ByteTrack's 0.7/0.6 defaults would leave
-        # most real objects untracked
-        self._bt = ByteTrackTracker(lost_track_buffer=lost_frames, frame_rate=fps, track_activation_threshold=activation,
-                                    minimum_consecutive_frames=min_frames, minimum_iou_threshold=min_iou,
-                                    high_conf_det_threshold=high_conf)
-
-    def update(self, dets: sv.Detections, timestamp: float | None = None) -> sv.Detections:
-        out = self._bt.update(dets, timestamp=timestamp)
-        if out.tracker_id is None:
-            out.tracker_id = np.full(len(out), -1, dtype=int)
-        return out
-
-    def reset(self) -> None:
-        self._bt.reset()
-
-
 def draw(annotator: Annotator, image_bgr: np.ndarray, dets: sv.Detections) -> np.ndarray:
     """Annotated copy (masks too when the detections carry them); unconfirmed tracks (id -1)
     are drawn without an id."""
@@ -586,6 +559,7 @@ class VideoPipeline:
         stride: int = 1,
         latest: bool | None = None,
         track: bool = False,
+        track_settings: TrackSettings | None = None,
         masks: bool = False,
         show: bool = False,
         save: bool = False,
@@ -613,6 +587,10 @@ class VideoPipeline:
         if self.latest:
             self.batch = 1  # batching would mean waiting for stale frames
         self.track, self.show, self.save, self.save_json, self.codec = track, show, save, save_json, codec
+        self.track_settings = track_settings or TrackSettings()
+        # the tracker wants every detection down to its low threshold; ``conf`` still decides
+        # which untracked ones are drawn and saved (``track.tracked_output``)
+        self.infer_conf = min(conf, self.track_settings.low) if track else conf
         self.reconnect, self.reconnect_timeout, self.backoff, self.read_timeout = reconnect, reconnect_timeout, backoff, read_timeout
         self._log_fn, self.on_progress, self.on_frame = log, on_progress, on_frame
         self.stop_event = threading.Event()
@@ -646,7 +624,7 @@ class VideoPipeline:
                         break
                     batch.append(nxt)
                 rgb = [cv2.cvtColor(f.image, cv2.COLOR_BGR2RGB) for f in batch]
-                dets = self.detector.predict_arrays(rgb, conf=self.conf, max_det=self.max_det, classes=self.classes)
+                dets = self.detector.predict_arrays(rgb, conf=self.infer_conf, max_det=self.max_det, classes=self.classes)
                 for f, d in zip(batch, dets):
                     if not out.put((f, d)):
                         return
@@ -695,8 +673,9 @@ class VideoPipeline:
 
         labels = self.detector.labels
         annotator = Annotator(labels)
-        tracker = Tracker(fps=out_fps) if self.track else None
-        track_ids: set[int] = set()
+        tracker = Tracker(fps=out_fps, settings=self.track_settings, frame_size=(info.width, info.height)) if self.track else None
+        last_frame: dict[int, int] = {}  # track id -> last frame index it was output in
+        pending: dict | None = None  # tracking: a frame's JSON line waits one frame, for the ids that end with the stream
         display: Display | None = None
         if self.show:
             try:
@@ -720,9 +699,13 @@ class VideoPipeline:
                 if item is None:
                     break
                 frame, dets = item
+                events: list[dict] = []
                 if tracker is not None:
-                    dets = tracker.update(dets, timestamp=frame.time)
-                    track_ids.update(int(t) for t in dets.tracker_id if t >= 0)
+                    dets = tracked_output(tracker.update(dets, timestamp=frame.time, frame=frame.image), self.conf)
+                    ev = tracker.events
+                    events = [{"id": i, "event": "start"} for i in ev.started]
+                    events += [{"id": i, "event": "end", "last_frame": last_frame[i]} for i in ev.ended if i in last_frame]
+                    last_frame.update((int(t), frame.index) for t in dets.tracker_id if t >= 0)
                 annotated = draw(annotator, frame.image, dets) if (self.save or display or self.on_frame) else None
                 if self.save and self.out_dir is not None and annotated is not None:
                     if writer is None:
@@ -741,7 +724,13 @@ class VideoPipeline:
                                                dets, labels, instance_polygons(dets) if self.masks else None)}
                     if spec.live:
                         rec["wall"] = round(frame.wall, 3)
-                    jsonl.write(rec)
+                    if tracker is None:
+                        jsonl.write(rec)
+                    else:
+                        rec["track_events"] = events
+                        if pending is not None:
+                            jsonl.write(pending)
+                        pending = rec
                 now = time.perf_counter()
                 recent.append(now)
                 stats.frames += 1
@@ -767,6 +756,10 @@ class VideoPipeline:
                     writer.close()
             finally:
                 if jsonl is not None:
+                    if pending is not None and tracker is not None:
+                        pending["track_events"] += [{"id": i, "event": "end", "last_frame": last_frame[i]}
+                                                    for i in tracker.finish() if i in last_frame]
+                        jsonl.write(pending)
                     jsonl.close()
                 if display is not None:
                     display.close()
@@ -779,7 +772,7 @@ class VideoPipeline:
         if reader.error is not None:
             raise reader.error
         res.frames, res.read, res.dropped, res.reconnects = stats.frames, reader.read, self._frames.dropped, reader.reconnects
-        res.detections, res.tracks = stats.detections, len(track_ids)
+        res.detections, res.tracks = stats.detections, len(last_frame)
         res.seconds = time.perf_counter() - t0
         res.stopped = self.stop_reason or "end"
         if reader.failure and self.stop_reason is None:

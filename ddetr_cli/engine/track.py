@@ -1,0 +1,299 @@
+"""Multi-object tracking over DETR detections: stable ids across frames, ``ddetr video --track``.
+
+One frame goes through three steps::
+
+    detections (score >= low)  -> duplicate suppression   DETR fires twice on one object at low scores
+                               -> a ``trackers`` tracker  ByteTrack-style two-stage matching (high/low)
+                               -> re-linking              a new track that continues a recently lost one
+                                                          takes its id back
+
+``trackers`` (Roboflow) provides the motion models and matching; this module adds what DETR needs:
+
+* DETR has no NMS: the set loss suppresses duplicates at high scores only, and the top-K over
+  queries x classes returns one query's box once per class. Both give near-identical boxes that
+  would each start a track; a class-agnostic NMS at a high IoU (``nms_iou``) keeps the best.
+* Scores are flatter than a YOLO's, so the high/low split of two-stage matching is lower than
+  ByteTrack's 0.6 (see ``TrackSettings``; measured in ``benchmarks/bench_track.py``).
+* An object that the detector misses for a while, or that passes behind something, comes back as
+  a new track of the inner tracker, whose Kalman prediction has drifted. ``Relinker`` gives it
+  the id of the lost track whose own motion (fitted on its unoccluded boxes) leads to it.
+
+Ids are allocated here, from 1, and never reused. ``Tracker.update`` also reports when ids start
+and end (``TrackEvents``), which the video pipeline writes to its JSON lines.
+
+Python API::
+
+    tracker = Tracker(fps=25.0)
+    for t, dets in enumerate(detections_per_frame):          # sv.Detections, scores >= settings.low
+        out = tracker.update(dets, timestamp=t / 25.0)       # out.tracker_id: (N,) ids, -1 untracked
+        print(tracker.events.started, tracker.events.ended)
+    ended = tracker.finish()                                 # ids still alive at the end
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import supervision as sv
+from scipy.optimize import linear_sum_assignment
+
+TRACKERS = ("cbiou", "bytetrack", "ocsort", "botsort", "sort")
+# re-linking: a new track seen as a class the lost one was not costs this many object sizes, as
+# much as the base gate: only a close match after a long gap may change class (measured on
+# bench_track.py's clips and on ground-truth boxes, where a lighter 0.5 let objects swap ids)
+CLASS_CHANGE_COST = 2.0
+
+
+@dataclass(frozen=True)
+class TrackSettings:
+    """How detections become tracks. Defaults measured on the demo model (``bench_track.py``).
+
+    ``high``: detections at or above it start tracks and are matched first; ``low``: detections
+    from ``low`` up to ``high`` only continue existing tracks (ByteTrack's second stage); below
+    ``low`` the tracker never sees them. ``nms_iou``: two boxes overlapping more than this are one
+    object (the better-scored is kept). ``lost_s``: how long the inner tracker coasts a missed
+    track; ``relink_s``: how long an id stays claimable by a new track (``Relinker``; an id ends
+    when both have passed); ``gate``:
+    how far (in object sizes) a new track may start from where the lost one was heading.
+    ``min_frames``: consecutive matches before a track gets an id.
+    """
+
+    tracker: str = "cbiou"
+    high: float = 0.5
+    low: float = 0.1
+    nms_iou: float = 0.7
+    lost_s: float = 1.0
+    relink_s: float = 2.0
+    gate: float = 2.0
+    min_frames: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"unknown tracker {self.tracker!r}; choose from {', '.join(TRACKERS)}")
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"track thresholds need 0 <= low <= high <= 1, got low {self.low}, high {self.high}")
+        if self.min_frames < 1 or self.lost_s < 0 or self.relink_s < 0 or self.gate < 0:
+            raise ValueError("min_frames >= 1, lost_s, relink_s and gate >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_tracker(settings: TrackSettings, fps: float):
+    """The ``trackers`` tracker ``settings.tracker``, set up with the settings' thresholds."""
+    import trackers as T
+
+    lost = max(1, int(round(settings.lost_s * 30)))  # trackers counts the buffer in 30 FPS frames
+    common = dict(lost_track_buffer=lost, frame_rate=fps, minimum_consecutive_frames=settings.min_frames)
+    if settings.tracker == "bytetrack":
+        return T.ByteTrackTracker(**common, track_activation_threshold=settings.high, high_conf_det_threshold=settings.high,
+                                  minimum_iou_threshold=0.1)
+    if settings.tracker in ("cbiou", "botsort"):
+        # both run their own two-stage (high, then low) matching; botsort adds camera-motion
+        # compensation from the frame (sparse optical flow), cbiou buffered IoU for fast motion
+        kw = dict(common, track_activation_threshold=settings.high, high_conf_det_threshold=settings.high)
+        if settings.tracker == "cbiou":
+            return T.CBIoUTracker(**kw)
+        return T.BoTSORTTracker(**kw)
+    if settings.tracker == "ocsort":  # no low stage: it matches detections >= high only
+        return T.OCSORTTracker(**common, high_conf_det_threshold=settings.high, minimum_iou_threshold=0.1)
+    return T.SORTTracker(**common, track_activation_threshold=settings.high, minimum_iou_threshold=0.1)
+
+
+def suppress_duplicates(xyxy: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Class-agnostic greedy NMS: indices (best score first) of the boxes kept from (N, 4) xyxy
+    ``xyxy`` and (N,) ``scores``; a box overlapping a better one by more than ``iou`` goes."""
+    n = len(scores)
+    if n == 0 or iou >= 1.0:
+        return np.arange(n)
+    order = np.argsort(-scores, kind="stable")
+    b = xyxy[order].astype(np.float64)
+    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    lt = np.maximum(b[:, None, :2], b[None, :, :2])
+    rb = np.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clip(0).prod(-1)
+    ious = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+    keep = np.ones(n, bool)
+    for i in range(n):
+        if keep[i]:
+            keep[i + 1 :] &= ious[i, i + 1 :] <= iou
+    return order[keep]
+
+
+class Relinker:
+    """Maps the inner tracker's ids to the ids we publish, and hands a lost id back to the new
+    track that continues it.
+
+    Each published id keeps its recent boxes (time, centre, size). When the inner tracker confirms
+    a new track, the ids not seen this frame and lost for at most ``max_gap_s`` are candidates;
+    each predicts where its object is now from the velocity of its *full-size* boxes (a box that
+    shrinks is being occluded, and its centre slows down with it) and the last of them. A new track
+    whose centre lies within ``gate + 0.25 * sqrt(missed frames)`` sizes of a prediction (a class
+    the lost track was not seen as costs ``CLASS_CHANGE_COST`` sizes; sizes within x0.25..x2) takes
+    the best such id (Hungarian).
+    Ids come from one counter and are never given out twice.
+    """
+
+    def __init__(self, fps: float, max_gap_s: float = 2.0, gate: float = 2.0, frame_size: tuple[int, int] | None = None,
+                 history: int = 15, keep_s: float | None = None) -> None:
+        self.fps, self.max_gap_s, self.gate, self.frame_size = fps, max_gap_s, gate, frame_size
+        # an id lives while it may be re-linked or its inner track may still come back by itself
+        self.keep_s = max(max_gap_s, keep_s or 0.0)
+        self.history = history
+        self._inner: dict[int, int] = {}  # inner tracker id -> published id
+        self._obs: dict[int, deque] = {}  # published id -> (t, cx, cy, w, h) rows, oldest first
+        self._cls: dict[int, deque] = {}  # published id -> its recent classes
+        self._next = 1
+
+    def _predict(self, oid: int, t: float) -> tuple[float, float, float, float, float]:
+        """(cx, cy, w, h, time last seen) of ``oid`` extrapolated to ``t``."""
+        a = np.asarray(self._obs[oid], np.float64)
+        size = np.sqrt(a[:, 3] * a[:, 4])
+        full = a[size >= 0.8 * size.max()]
+        last = full[-1]
+        v = np.zeros(2)
+        if len(full) >= 2 and np.ptp(full[:, 0]) > 0:
+            v = np.polyfit(full[:, 0] - last[0], full[:, 1:3], 1)[0]
+        cx, cy = last[1:3] + v * (t - last[0])
+        if self.frame_size is not None:  # objects leave or stop at the edges, they are not found beyond them
+            cx, cy = min(max(cx, 0.0), self.frame_size[0]), min(max(cy, 0.0), self.frame_size[1])
+        return float(cx), float(cy), float(last[3]), float(last[4]), float(a[-1, 0])
+
+    def _classes(self, oid: int) -> set[int]:
+        """The classes ``oid`` was seen as, leaving out one-off flickers (< 30% of the most frequent)."""
+        counts = Counter(self._cls[oid])
+        top = max(counts.values())
+        return {k for k, v in counts.items() if v >= 0.3 * top}
+
+    def _claim(self, new: list[int], rows: dict[int, int], xyxy: np.ndarray, cls: np.ndarray, t: float,
+               taken: set[int]) -> dict[int, int]:
+        """New inner ids -> lost published ids they continue."""
+        cands = [o for o in self._obs if o not in taken and t - self._obs[o][-1][0] <= self.max_gap_s]
+        if not cands:
+            return {}
+        cost = np.full((len(new), len(cands)), np.inf)
+        preds = [self._predict(o, t) for o in cands]
+        classes = [self._classes(o) for o in cands]
+        for a, n in enumerate(new):
+            x1, y1, x2, y2 = (float(v) for v in xyxy[rows[n]])
+            cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, np.sqrt(max(x2 - x1, 0) * max(y2 - y1, 0))
+            for c, (px, py, pw, ph, seen) in enumerate(preds):
+                ps = max(np.sqrt(pw * ph), 1e-6)
+                if not 0.25 <= s / ps <= 2.0:
+                    continue
+                other_class = int(cls[rows[n]]) not in classes[c]
+                d = np.hypot(cx - px, cy - py) / ps + CLASS_CHANGE_COST * other_class
+                if d <= self.gate + 0.25 * np.sqrt(max(t - seen, 0.0) * self.fps):
+                    cost[a, c] = d
+        if not np.isfinite(cost).any():
+            return {}
+        r, c = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e9))
+        return {new[i]: cands[j] for i, j in zip(r, c) if np.isfinite(cost[i, j])}
+
+    def update(self, inner_ids: np.ndarray, xyxy: np.ndarray, cls: np.ndarray, t: float) -> np.ndarray:
+        """(N,) inner ids (-1: untracked), (N, 4) boxes, (N,) classes at time ``t`` -> (N,) published ids."""
+        rows = {int(i): k for k, i in enumerate(inner_ids) if i >= 0}
+        taken = {self._inner[i] for i in rows if i in self._inner}
+        new = sorted(i for i in rows if i not in self._inner)
+        if new:
+            claimed = self._claim(new, rows, xyxy, cls, t, taken)
+            for n in new:
+                if n in claimed:
+                    oid = claimed[n]
+                    # the id moves to the new track; its old inner track, should it come back, is another object
+                    self._inner = {i: o for i, o in self._inner.items() if o != oid}
+                else:
+                    oid, self._next = self._next, self._next + 1
+                self._inner[n] = oid
+        out = np.full(len(inner_ids), -1, dtype=int)
+        for i, k in rows.items():
+            oid = self._inner[i]
+            out[k] = oid
+            x1, y1, x2, y2 = (float(v) for v in xyxy[k])
+            self._obs.setdefault(oid, deque(maxlen=self.history)).append((t, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1))
+            self._cls.setdefault(oid, deque(maxlen=self.history)).append(int(cls[k]))
+        return out
+
+    def expire(self, t: float) -> list[int]:
+        """Forget ids lost for longer than ``keep_s`` (they can no longer come back); returns them."""
+        gone = [o for o, h in self._obs.items() if t - h[-1][0] > self.keep_s]
+        for o in gone:
+            del self._obs[o], self._cls[o]
+        if gone:
+            self._inner = {i: o for i, o in self._inner.items() if o not in gone}
+        return gone
+
+    def alive(self) -> list[int]:
+        return sorted(self._obs)
+
+
+@dataclass
+class TrackEvents:
+    """What changed at the last ``Tracker.update``: ids seen for the first time, and ids given up
+    (lost for longer than ``relink_s`` and ``lost_s``: they will not come back)."""
+
+    started: list[int] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+
+
+class Tracker:
+    """Stable ids over sv.Detections: duplicate suppression, a ``trackers`` tracker, re-linking.
+
+    ``update`` takes one frame's detections (those scoring >= ``settings.low`` go to the tracker)
+    and returns them without duplicates, possibly reordered, with ``tracker_id`` (N,) set: the
+    published id, or -1 for a detection no confirmed track holds (always for scores < ``low``).
+    Timestamps (seconds) let the motion model step over dropped frames correctly.
+    """
+
+    def __init__(self, fps: float = 30.0, settings: TrackSettings | None = None, frame_size: tuple[int, int] | None = None) -> None:
+        self.settings = settings or TrackSettings()
+        self.fps = fps
+        self._inner = make_tracker(self.settings, fps)
+        self._relink = Relinker(fps, self.settings.relink_s, self.settings.gate, frame_size, keep_s=self.settings.lost_s)
+        self._seen: set[int] = set()
+        self.events = TrackEvents()
+        self._frame = 0
+
+    def update(self, dets: sv.Detections, timestamp: float | None = None, frame: np.ndarray | None = None) -> sv.Detections:
+        """``frame`` (H, W, 3) BGR is used by ``botsort`` only (camera-motion compensation)."""
+        s = self.settings
+        t = self._frame / self.fps if timestamp is None else float(timestamp)
+        self._frame += 1
+        scores = dets.confidence if dets.confidence is not None else np.ones(len(dets), np.float32)
+        dets = dets[suppress_duplicates(dets.xyxy, scores, s.nms_iou)]
+        scores = dets.confidence if dets.confidence is not None else np.ones(len(dets), np.float32)
+        weak = dets[scores < s.low]  # not for the tracker; still drawn if the caller's --conf is lower
+        dets = dets[scores >= s.low]
+        if s.tracker == "botsort":
+            out = self._inner.update(dets, frame=frame, timestamp=timestamp)
+        else:
+            out = self._inner.update(dets, timestamp=timestamp)
+        if len(weak):
+            weak.tracker_id = np.full(len(weak), -1, dtype=int)
+            out = sv.Detections.merge([out, weak]) if len(out) else weak
+        inner = out.tracker_id if out.tracker_id is not None else np.full(len(out), -1, dtype=int)
+        cls = out.class_id if out.class_id is not None else np.zeros(len(out), dtype=int)
+        out.tracker_id = self._relink.update(np.asarray(inner, dtype=int), out.xyxy, cls, t)
+        started = sorted({int(i) for i in out.tracker_id if i >= 0} - self._seen)
+        self._seen.update(started)
+        self.events = TrackEvents(started, sorted(self._relink.expire(t)))
+        return out
+
+    def finish(self) -> list[int]:
+        """End of the stream: the ids not ended yet."""
+        return self._relink.alive()
+
+    def reset(self) -> None:
+        self.__init__(self.fps, self.settings, self._relink.frame_size)  # type: ignore[misc]
+
+
+def tracked_output(dets: sv.Detections, conf: float) -> sv.Detections:
+    """What a tracked frame draws and saves: every detection a track holds (a low-score box that
+    continues a track is the point of two-stage matching), and untracked ones scoring >= ``conf``."""
+    if len(dets) == 0:
+        return dets
+    tid = dets.tracker_id if dets.tracker_id is not None else np.full(len(dets), -1)
+    scores = dets.confidence if dets.confidence is not None else np.ones(len(dets))
+    return dets[(tid >= 0) | (scores >= conf)]
