@@ -4,13 +4,16 @@
     python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 4
 
 Prints one markdown table (median ms per image, images/s, speed-up vs transformers), measured
-in one process, interleaved, on the same inputs and thread count.
+in one process, interleaved, on the same inputs and thread count. On CPU the rows are ddetr in
+float32 and in bfloat16 (``--half``: run where the CPU has AMX / AVX512-BF16, or with
+``--force-bf16`` where it would be emulated), transformers in float32, and the compute floor: the
+model's GEMM + convolution FLOPs at this CPU's large-sgemm rate, timed in the same interleaved
+loop (so a busy machine slows floor and model alike). The header names the CPU and its flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -43,17 +46,17 @@ def time_interleaved(fns: dict, device: str, repeats: int, warmup: int = 1) -> d
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def compute_floor(model, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(GFLOP of the model's matmuls and convolutions, GFLOP/s of a large sgemm here): no fp32
-    implementation of the same network runs faster than their ratio on this CPU."""
+SGEMM_N = 4096
+
+
+def model_gflop(model, x: torch.Tensor, mask: torch.Tensor) -> float:
+    """GFLOP of the (transformers) model's matmuls and convolutions on this input."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:  # grad mode: the counter's module tracker needs autograd nodes
         model(pixel_values=x, pixel_mask=(~mask).long())
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    seconds = time_interleaved({"sgemm": lambda: a @ b}, "cpu", 5)["sgemm"]  # median of 5
-    return counter.get_total_flops() / 1e9, 2 * 4096**3 / seconds / 1e9
+    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:
@@ -66,10 +69,14 @@ def main() -> None:
     ap.add_argument("--variant", default="multi-scale")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="CPU: time the bfloat16 row even where the CPU has no native bfloat16 (emulated, slow)")
     args = ap.parse_args()
 
     import tempfile
 
+    from ddetr_cli.models.fusion import to_reduced_precision
+    from ddetr_cli.ops.cpu import bf16_support, cpu_info
     from ddetr_cli.ops.msda import backend_info
     from ddetr_cli.weights.load import load_model
 
@@ -82,24 +89,27 @@ def main() -> None:
         except Exception as e:  # e.g. a machine whose transformers has no (or another) DeformableDetr
             print(f"transformers' model unavailable ({type(e).__name__}: {e}); timing ddetr alone")
             args.no_hf = True
-    if hf is not None:
-        with tempfile.TemporaryDirectory() as d:
-            save_hub(hf, d)
-            ours = load_model(d)
-    else:
+    def load_ours():
+        if hf is not None:
+            with tempfile.TemporaryDirectory() as d:
+                save_hub(hf, d)
+                return load_model(d)
         from ddetr_cli.models.build import build_model
         from ddetr_cli.models.config import ModelConfig
 
-        ours = build_model(ModelConfig.from_variant(args.variant, num_classes=91))
-    ours.optimize_for_inference()  # what Detector does
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        return build_model(ModelConfig.from_variant(args.variant, num_classes=91))
+
     dev = args.device
+    cpu = not dev.startswith("cuda")
+    ours = load_ours().optimize_for_inference()  # what Detector does
+    ours.to(dev).eval()
     if hf is not None:
         hf.to(dev).eval()
-    ours.to(dev).eval()
     x = torch.randn(args.batch, 3, args.height, args.width, device=dev)
     mask = torch.zeros(args.batch, args.height, args.width, dtype=torch.bool, device=dev)
-    ac = torch.autocast(dev.split(":")[0], dtype=dtype, enabled=args.dtype != "fp32")
+    # CUDA: --dtype selects autocast for both models; CPU: float32 rows plus a bfloat16 row
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    ac = torch.autocast(dev.split(":")[0], dtype=dtype, enabled=args.dtype != "fp32" and not cpu)
 
     @torch.inference_mode()
     def run_ours():
@@ -111,33 +121,56 @@ def main() -> None:
         with ac:
             return hf(pixel_values=x, pixel_mask=(~mask).long())
 
-    ours_label = "ddetr (" + backend_info()["backend"] + " op)"
-    fns = {ours_label: run_ours} if args.no_hf else {ours_label: run_ours, "transformers 4.x": run_hf}
-    rows = list(time_interleaved(fns, dev, args.repeats).items())
+    op = backend_info()["backend"] + " op"
+    fns = {f"ddetr float32 ({op})" if cpu else f"ddetr {args.dtype} ({op})": run_ours}
+    bf16_ok, bf16_why = bf16_support()
+    bf16_note = None
+    if cpu and (bf16_ok or args.force_bf16):
+        ours16 = load_ours().optimize_for_inference().eval()  # what Detector(half=True) does on CPU
+        to_reduced_precision(ours16, torch.bfloat16, list(ours16.FLOAT32_HEADS))
+        x16 = x.to(torch.bfloat16)
+        fns[f"ddetr bfloat16 ({bf16_why if bf16_ok else 'emulated: ' + bf16_why})"] = torch.inference_mode()(
+            lambda: ours16(x16, mask))
+    elif cpu:
+        bf16_note = f"bfloat16 row not run: {bf16_why} (`ddetr detect --half` refuses here; --force-bf16 times it)"
+    if not args.no_hf:
+        fns["transformers 4.x" + (" float32" if cpu else "")] = run_hf
+    gflop = None
+    if cpu and not args.no_hf:
+        gflop = model_gflop(hf, x, mask)
+        a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
+        fns["sgemm"] = lambda: a @ b
+    times = time_interleaved(fns, dev, args.repeats)
+    sgemm = times.pop("sgemm", None)
+    rows = list(times.items())
     if not args.no_hf:
         with torch.inference_mode():
-            a, b = run_ours(), run_hf()
-        diff = (a["logits"].float() - b.logits.float()).abs().max().item()
-    floor = None
-    if not dev.startswith("cuda") and args.dtype == "fp32" and not args.no_hf:
-        floor = compute_floor(hf, x, mask)
-    base = dict(rows).get("transformers 4.x")
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    dev_name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else cpu
-    print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {args.dtype}, {dev} ({dev_name}), torch "
-          f"{torch.__version__}\n")
-    print("| implementation | ms / batch | images / s | speed-up vs transformers |")
-    print("|---|---:|---:|---:|")
+            out_a, out_b = run_ours(), run_hf()
+        diff = (out_a["logits"].float() - out_b.logits.float()).abs().max().item()
+    base = next((t for name, t in rows if name.startswith("transformers")), None)
+    if cpu:
+        info = cpu_info()
+        dev_name = f"{info.name}; flags {', '.join(info.flags) or 'no AVX2'}; {torch.get_num_threads()} threads"
+    else:
+        dev_name = torch.cuda.get_device_name(0)
+    print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {dev} ({dev_name}), "
+          f"torch {torch.__version__}\n")
+    print("| implementation | ms / batch | images / s | speed-up vs transformers | share of the floor |")
+    print("|---|---:|---:|---:|---:|")
+    floor = gflop / (2 * SGEMM_N**3 / sgemm / 1e9) if gflop is not None and sgemm else None
     for name, t in rows:
         ratio = f"{base / t:.2f}x" if base else "-"
-        print(f"| {name} | {t * 1000:.0f} | {args.batch / t:.2f} | {ratio} |")
+        share = f"{floor / t:.0%}" if floor else "-"
+        print(f"| {name} | {t * 1000:.0f} | {args.batch / t:.2f} | {ratio} | {share} |")
     if floor is not None:
-        gflop, peak = floor
-        t = gflop / peak
-        print(f"| compute floor: {gflop:.0f} GFLOP of GEMM + conv at {peak:.0f} GFLOP/s (this CPU's 4096^3 sgemm) "
-              f"| {t * 1000:.0f} | {args.batch / t:.2f} | {base / t:.2f}x |")
+        peak = 2 * SGEMM_N**3 / sgemm / 1e9
+        print(f"| compute floor (float32): {gflop:.0f} GFLOP of GEMM + conv at {peak:.0f} GFLOP/s "
+              f"(this CPU's {SGEMM_N}^3 sgemm, timed in the same loop) | {floor * 1000:.0f} | {args.batch / floor:.2f} | "
+              f"{base / floor:.2f}x | 100% |")
+    if bf16_note:
+        print(f"| ddetr bfloat16 | not run | - | - | - |\n\n{bf16_note}")
     if not args.no_hf:
-        print(f"\nmax |logits diff| ours vs transformers: {diff:.2e}")
+        print(f"\nmax |logits diff| ours (float32) vs transformers: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -107,9 +107,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
     import torch
 
     from ddetr_cli.models.fusion import fused_cpu_kernels
+    from ddetr_cli.ops.cpu import bf16_support, cpu_info
     from ddetr_cli.ops.msda import backend_info
 
     b = backend_info()
+    bf16_ok, bf16_why = bf16_support()
     data = {
         "ddetr": __version__,
         "python": platform.python_version(),
@@ -121,7 +123,12 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "msda_backend": b.get("backend"),
         "msda_reason": b.get("reason"),
         "msda_cuda_kernels": b.get("cuda_kernels"),
+        "cpu": cpu_info().summary,
+        "cpu_threads": torch.get_num_threads(),
         "cpu_fused_kernels": fused_cpu_kernels(),
+        # --half on CPU: bfloat16 where the CPU multiplies it natively, refused elsewhere
+        "cpu_bf16": bf16_ok,
+        "cpu_bf16_reason": bf16_why,
     }
     if as_json:
         _print_json(data)
@@ -145,6 +152,9 @@ def _parse_formats(formats: list[str]) -> list[str]:
     if bad:
         raise UserError(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     return fmts or ["coco"]
+
+
+HALF_HELP = "Half precision: fp16/bf16 autocast on GPU; bfloat16 on CPUs with AMX or AVX512-BF16 (see ddetr info)."
 
 
 def _load_detector(model, device: str, half: bool, imgsz, classes=None):
@@ -196,7 +206,7 @@ def detect(
                                                       "800 for the COCO models).", min=32)] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
@@ -370,7 +380,7 @@ def video(
     reconnect_timeout: Annotated[float, typer.Option(
             "--reconnect-timeout", help="Give up after this many seconds without a frame.", min=0.0)] = 120.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/video/expN, never overwritten).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
@@ -481,7 +491,7 @@ def eval_cmd(
                                                       "800 for the COCO models).", min=32)] = None,
     batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="--track: track only these classes (names or category ids; "
                                                                            "repeat or comma-separate).")] = None,

@@ -239,7 +239,7 @@ class DeformableDETR(nn.Module):
             self.transformer.decoder.class_embed = self.class_embed
 
     # what stays float32 in reduced-precision inference (``fusion.to_reduced_precision``)
-    FLOAT32_HEADS = ("class_embed", "bbox_embed", "transformer.reference_points")
+    FLOAT32_HEADS = ("class_embed", "bbox_embed", "transformer.reference_points", "transformer.decoder.layers")
 
     def optimize_for_inference(self) -> "DeformableDETR":
         """BNs folded, convs channels-last, oneDNN linears: see ``inference.optimize_for_inference``."""
@@ -292,6 +292,32 @@ class DeformableDETR(nn.Module):
             refs.append(torch.stack((rx, ry), -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
+    def _position_embedding(self, masks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """masks per level (B, H_l, W_l) -> (B, S, C): sine embedding plus the level embedding."""
+        level_embed = self.transformer.level_embed
+        return torch.cat(
+            [
+                sine_position_embedding(m, self.cfg.d_model // 2).to(dtype).flatten(2).transpose(1, 2)
+                + level_embed[lvl].view(1, 1, -1)
+                for lvl, m in enumerate(masks)
+            ],
+            1,
+        )
+
+    def _unpadded_geometry(self, shapes: tuple, dtype: torch.dtype, geo: torch.dtype,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position embedding (1, S, C), encoder reference points (1, S, L, 2)) of an unpadded
+        input with these level shapes, cached (a few shapes) on an inference-only model."""
+        cache = self.__dict__.setdefault("_geometry_cache", {})
+        key = (shapes, dtype, geo, str(device))
+        if key not in cache:
+            masks = [torch.zeros(1, h, w, dtype=torch.bool, device=device) for h, w in shapes]
+            ratios = torch.ones(1, len(shapes), 2, dtype=geo, device=device)
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = (self._position_embedding(masks, dtype), self._encoder_reference_points(list(shapes), ratios).to(geo))
+        return cache[key]
+
     # -- two-stage proposals ----------------------------------------------------------------
     def _proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor, shapes: list[tuple[int, int]]):
         """memory (B, S, C), padding_mask (B, S) -> (object queries (B, S, C), proposal logits (B, S, 4))."""
@@ -340,14 +366,6 @@ class DeformableDETR(nn.Module):
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
-        pos_flat = torch.cat(
-            [
-                sine_position_embedding(m, self.cfg.d_model // 2).to(s.dtype).flatten(2).transpose(1, 2)
-                + t.level_embed[lvl].view(1, 1, -1)
-                for lvl, (s, m) in enumerate(zip(srcs, masks))
-            ],
-            1,
-        )
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=images.device)
         level_start = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         # reference points, proposals and boxes: float32 even when the features are bfloat16
@@ -357,10 +375,17 @@ class DeformableDETR(nn.Module):
         # An unpadded CPU batch (any single image) skips masking the values in every layer; on
         # CUDA the check would cost a sync, so the mask is always applied there.
         padding = None if mask_flat.device.type == "cpu" and not mask_flat.any() else mask_flat
+        if padding is None and self.inference_only:
+            # frozen weights, no padding: position embedding and reference points depend on the
+            # level shapes alone (a video's frames, a benchmark's repeats share them)
+            pos_flat, ref = self._unpadded_geometry(tuple(shapes), src_flat.dtype, geo, images.device)
+            ref = ref.expand(b, -1, -1, -1)
+        else:
+            pos_flat = self._position_embedding(masks, src_flat.dtype)
+            ref = self._encoder_reference_points(shapes, valid_ratios).to(geo)
 
         # encoder
         memory = src_flat
-        ref = self._encoder_reference_points(shapes, valid_ratios).to(geo)
         for layer in t.encoder.layers:
             memory = layer(memory, pos_flat, ref, spatial_shapes, level_start, padding)
 

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -154,16 +156,16 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 
 
 class Float32Head(nn.Module):
-    """A head kept in float32 inside a reduced-precision model: forward(x (..., C) any float dtype)
-    -> head(x in float32), float32. Box deltas, reference points and class logits come out of
-    these; a bfloat16 box coordinate would be off by up to 2 px on a 1066-pixel image."""
+    """A module kept in float32 inside a reduced-precision model: forward(*args) -> head(*args with
+    every floating tensor in float32), float32. Box deltas, reference points and class logits come
+    out of these; a bfloat16 box coordinate would be off by up to 2 px on a 1066-pixel image."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x.float())
+    def forward(self, *args: Any) -> Any:
+        return self.head(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
 
 
 @torch.no_grad()
