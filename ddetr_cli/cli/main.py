@@ -173,11 +173,11 @@ def _run_dir(out_dir: Path | None, command: str, exist_ok: bool) -> Path:
     return claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs") / command)
 
 
-def _require_masks(det, model) -> None:
+def _require_masks(det, model, flag: str = "--masks") -> None:
     from ddetr_cli.formats.masks import MasksUnavailable, require_masks
 
     try:
-        require_masks(det, model)
+        require_masks(det, model, flag)
     except MasksUnavailable as e:
         raise UserError(str(e)) from None
 
@@ -207,6 +207,13 @@ def detect(
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask "
                                                         "head, e.g. detr-resnet-50-panoptic).")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Also a panoptic segmentation per image (every pixel in at most one "
+                                                              "thing or stuff segment) in COCO panoptic format: panoptic/<stem>.png + "
+                                                              "panoptic.json; annotated images show the segment map. Needs a mask "
+                                                              "head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map (the reference's 0.85).", min=0.0,
+                                                 max=1.0)] = 0.85,
     save_conf: Annotated[bool, typer.Option("--save-conf", help="YOLO label lines end with the confidence (a sixth column, as "
                                                                 "ultralytics' save_conf).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
@@ -236,6 +243,8 @@ def detect(
 
       ddetr detect photos --masks --model detr-resnet-50-panoptic --format coco,yolo
 
+      ddetr detect photos --panoptic --model detr-resnet-50-panoptic
+
       ddetr detect data/images --format coco,labelstudio --ls-root data
     """
     import functools
@@ -249,8 +258,8 @@ def detect(
     if ls_root is not None and not ls_root.is_dir():
         raise UserError(f"--ls-root {ls_root}: no such folder")
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
-    if masks:
-        _require_masks(det, model)  # before a run folder is made
+    if masks or panoptic:
+        _require_masks(det, model, "--masks" if masks else "--panoptic")  # before a run folder is made
     run_dir = _run_dir(out_dir, "detect", exist_ok)
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
@@ -277,7 +286,8 @@ def detect(
         try:
             res = run_detect(
                 det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
-                formats=fmts, save_images=save_images, masks=masks, save_conf=save_conf, recursive=recursive, workers=workers,
+                formats=fmts, save_images=save_images, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
+                save_conf=save_conf, recursive=recursive, workers=workers,
                 progress=on_progress, total_hint=on_total,
                 ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
             )
@@ -333,6 +343,11 @@ def video(
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a "
                                                         "model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever "
                                                         "the model makes them.")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Write a panoptic segment map per processed frame beside the video "
+                                                              "(COCO panoptic: <name>_panoptic/<frame>.png + <name>_panoptic.json); "
+                                                              "--save/--show then draw the maps. Needs a mask head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map.", min=0.0, max=1.0)] = 0.85,
     conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in "
                                                                            "predictions.json (repeat or comma-separate).")] = None,
@@ -365,6 +380,8 @@ def video(
 
       ddetr video cam0 --show --track
 
+      ddetr video clip.mp4 --panoptic --save --model detr-resnet-50-panoptic
+
       ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
     """
     import time
@@ -378,15 +395,16 @@ def video(
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
-    if masks:
-        _require_masks(det, model)
+    if masks or panoptic:
+        _require_masks(det, model, "--masks" if masks else "--panoptic")
 
     def log(msg: str) -> None:
         # drops, reconnects and a refused --show matter even in --quiet runs
         console.print(f"[yellow]video:[/] {msg}", highlight=False, soft_wrap=True)
 
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
-                   track=track, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
+                   track=track, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
+                   show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
     run_dir = _run_dir(out_dir, "video", exist_ok)
     columns = (

@@ -125,7 +125,7 @@ def parse_arch(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        fixed = ("class_names", "category_ids", "num_classes", "imgsz")  # set from the dataset / --imgsz
+        fixed = ("class_names", "category_ids", "stuff_ids", "num_classes", "imgsz")  # set from the dataset / --imgsz
         if not sep or key not in types or key in fixed:
             allowed = ", ".join(k for k in types if k not in fixed)
             raise FinetuneError(f"bad --arch {item!r}: expected KEY=VALUE with KEY one of {allowed}")
