@@ -477,6 +477,11 @@ def eval_cmd(
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic quality (PQ, SQ, RQ; all, things, stuff) on a COCO panoptic "
+                                                              "dataset (annotations/panoptic_<split>.json + PNGs) instead of AP; "
+                                                              "needs a mask head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map.", min=0.0, max=1.0)] = 0.85,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
@@ -492,6 +497,8 @@ def eval_cmd(
       ddetr eval coco --data /datasets/coco --max-images 500
 
       ddetr eval ./mydata --model runs/finetune/exp/best.safetensors --json
+
+      ddetr eval ./panoptic-data --panoptic --model detr-resnet-50-panoptic
     """
     from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
     from ddetr_cli.data.datasets import load_dataset
@@ -499,6 +506,10 @@ def eval_cmd(
     from ddetr_cli.engine.predictor import Detector
 
     show = not (quiet or as_json)
+    if panoptic:
+        _eval_panoptic(dataset, model, split, imgsz, batch, device, half, max_images, out_dir, exist_ok, panoptic_conf, show,
+                       as_json)
+        return
     try:
         if dataset.lower() == "coco":
             bars = _DownloadBars(show)
@@ -536,6 +547,57 @@ def eval_cmd(
         _print_json(res.to_dict())
     elif not quiet:
         _eval_summary(res)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _eval_panoptic(dataset: str, model, split: str, imgsz, batch: int, device: str, half: bool, max_images, out_dir,
+                   exist_ok: bool, threshold: float, show: bool, as_json: bool) -> None:
+    """``eval --panoptic``: PQ on a COCO panoptic dataset folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ddetr_cli.engine.evaluator import EvalError
+    from ddetr_cli.engine.panoptic_eval import evaluate_panoptic
+    from ddetr_cli.formats.panoptic import read_panoptic
+
+    if dataset.lower() == "coco":
+        raise UserError("--panoptic scores a COCO panoptic dataset folder (annotations/panoptic_<split>.json + PNGs); "
+                        "give its folder")
+    ds = read_panoptic(Path(dataset), split)
+    det, _ = _load_detector(model, device, half, imgsz)
+    _require_masks(det, model, "--panoptic")
+    if show:
+        console.print(f"[bold]{ds.root}[/] (COCO panoptic, {ds.split}): {len(ds.images)} images, {len(ds.categories)} categories",
+                      highlight=False)
+    run_dir = _run_dir(out_dir, "eval", exist_ok)
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not show)
+    with progress:
+        task = progress.add_task("eval", total=min(len(ds.images), max_images or len(ds.images)))
+        try:
+            res = evaluate_panoptic(det, ds, out_dir=run_dir, batch=batch, max_images=max_images, threshold=threshold,
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except EvalError as e:
+            raise UserError(str(e)) from None
+    res.settings["model"] = model or "default"
+    if as_json:
+        _print_json(res.to_dict())
+    elif show:
+        t = Table(title=f"ddetr eval --panoptic: {res.images} images", title_justify="left")
+        for col in ("", "PQ", "SQ", "RQ", "categories"):
+            t.add_column(col, justify="right" if col else "left")
+        for name, v in res.summary.items():
+            t.add_row(f"[bold]{name}[/]" if name == "All" else name, _fmt(v["pq"]), _fmt(v["sq"]), _fmt(v["rq"]), str(v["n"]))
+        console.print(t)
+        c = Table(title="per class", title_justify="left")
+        for col in ("class", "kind", "PQ", "SQ", "RQ", "TP", "FP", "FN"):
+            c.add_column(col, justify="left" if col in ("class", "kind") else "right")
+        for r in sorted(res.per_class, key=lambda r: -(r["pq"] if r["pq"] is not None else -1)):
+            c.add_row(r["class"], "thing" if r["isthing"] else "stuff", _fmt(r["pq"]), _fmt(r["sq"]), _fmt(r["rq"]),
+                      str(r["tp"]), str(r["fp"]), str(r["fn"]))
+        console.print(c)
+        for kind, path in res.outputs.items():
+            console.print(f"{kind:>12}: {path}", highlight=False)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 

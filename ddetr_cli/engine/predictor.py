@@ -243,15 +243,17 @@ class Detector:
         sizes: Sequence[tuple[int, int]],
         threshold: float = PANOPTIC_THRESHOLD,
         classes: Sequence[int] | None = None,
+        stuff_labels: Sequence[int] | None = None,
     ) -> list[Panoptic]:
         """Raw outputs of one batch of a mask-head model (and its padding mask) -> one panoptic
-        segmentation per image (``engine.panoptic.merge_panoptic``), stuff classes from the label
-        table; unnamed slots never form segments."""
+        segmentation per image (``engine.panoptic.merge_panoptic``) of the given (H, W) ``sizes``;
+        stuff classes from the label table unless ``stuff_labels`` are given; unnamed slots
+        never form segments."""
         if "masks" not in out:
             raise ValueError("panoptic segmentation needs a model with a mask head")
         if classes is None and self.labels.has_unnamed:
             classes = self.labels.labels
-        stuff = self.labels.stuff_labels
+        stuff = self.labels.stuff_labels if stuff_labels is None else stuff_labels
         res = []
         for i, size in enumerate(sizes):
             valid = ~pad_mask[i]
@@ -260,6 +262,20 @@ class Detector:
                                       padded_hw=tuple(pad_mask.shape[-2:]), valid_hw=valid_hw,
                                       threshold=threshold, classes=classes))
         return res
+
+    def panoptic_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float = PANOPTIC_THRESHOLD,
+        classes: Sequence[int] | None = None,
+        stuff_labels: Sequence[int] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Panoptic]:
+        """One batch of RGB uint8 arrays -> a panoptic segmentation per image, at ``sizes``
+        (default: the images' own)."""
+        out, pad_mask = self._forward(images)
+        sizes = sizes or [im.shape[:2] for im in images]
+        return self.decode_panoptic(out, pad_mask, sizes, threshold, classes, stuff_labels)
 
     def predict_panoptic(
         self,
