@@ -191,7 +191,9 @@ class LabelTable:
         return [c.label for c in self.categories if not c.isthing]
 
     def coco_categories(self) -> list[dict]:
-        """The ``categories`` list of a COCO file."""
+        """The ``categories`` list of a COCO file; with ``isthing`` when some category is stuff."""
+        if self.stuff_labels:
+            return self.panoptic_categories()
         return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in self.categories]
 
     def panoptic_categories(self) -> list[dict]:
