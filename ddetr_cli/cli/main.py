@@ -183,11 +183,11 @@ def _run_dir(out_dir: Path | None, command: str, exist_ok: bool) -> Path:
     return claim_run_dir(out_dir, exist_ok) if out_dir is not None else next_run_dir(Path("runs") / command)
 
 
-def _require_masks(det, model) -> None:
+def _require_masks(det, model, flag: str = "--masks") -> None:
     from ddetr_cli.formats.masks import MasksUnavailable, require_masks
 
     try:
-        require_masks(det, model)
+        require_masks(det, model, flag)
     except MasksUnavailable as e:
         raise UserError(str(e)) from None
 
@@ -217,6 +217,13 @@ def detect(
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write annotated images.")] = True,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons in 'segmentation' (needs a model with a mask "
                                                         "head, e.g. detr-resnet-50-panoptic).")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Also a panoptic segmentation per image (every pixel in at most one "
+                                                              "thing or stuff segment) in COCO panoptic format: panoptic/<stem>.png + "
+                                                              "panoptic.json; annotated images show the segment map. Needs a mask "
+                                                              "head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map (the reference's 0.85).", min=0.0,
+                                                 max=1.0)] = 0.85,
     save_conf: Annotated[bool, typer.Option("--save-conf", help="YOLO label lines end with the confidence (a sixth column, as "
                                                                 "ultralytics' save_conf).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
@@ -246,6 +253,8 @@ def detect(
 
       ddetr detect photos --masks --model detr-resnet-50-panoptic --format coco,yolo
 
+      ddetr detect photos --panoptic --model detr-resnet-50-panoptic
+
       ddetr detect data/images --format coco,labelstudio --ls-root data
     """
     import functools
@@ -259,8 +268,8 @@ def detect(
     if ls_root is not None and not ls_root.is_dir():
         raise UserError(f"--ls-root {ls_root}: no such folder")
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
-    if masks:
-        _require_masks(det, model)  # before a run folder is made
+    if masks or panoptic:
+        _require_masks(det, model, "--masks" if masks else "--panoptic")  # before a run folder is made
     run_dir = _run_dir(out_dir, "detect", exist_ok)
     progress = Progress(
         TextColumn("[bold]detect"), BarColumn(), MofNCompleteColumn(),
@@ -287,7 +296,8 @@ def detect(
         try:
             res = run_detect(
                 det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
-                formats=fmts, save_images=save_images, masks=masks, save_conf=save_conf, recursive=recursive, workers=workers,
+                formats=fmts, save_images=save_images, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
+                save_conf=save_conf, recursive=recursive, workers=workers,
                 progress=on_progress, total_hint=on_total,
                 ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
             )
@@ -365,6 +375,11 @@ def video(
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a "
                                                         "model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever "
                                                         "the model makes them.")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Write a panoptic segment map per processed frame beside the video "
+                                                              "(COCO panoptic: <name>_panoptic/<frame>.png + <name>_panoptic.json); "
+                                                              "--save/--show then draw the maps. Needs a mask head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map.", min=0.0, max=1.0)] = 0.85,
     conf: Annotated[float, typer.Option(help="Score threshold of what is drawn and saved (with --track, boxes that continue a track "
                                              "are kept below it).", min=0.0, max=1.0)] = 0.3,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Keep only these classes: names or category ids as in "
@@ -398,6 +413,8 @@ def video(
 
       ddetr video cam0 --show --track
 
+      ddetr video clip.mp4 --panoptic --save --model detr-resnet-50-panoptic
+
       ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
 
       ddetr video clip.mp4 --track --tracker bytetrack --track-high 0.6 --save-json
@@ -414,15 +431,16 @@ def video(
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
     settings = _track_settings(tracker, track_high, track_low)
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
-    if masks:
-        _require_masks(det, model)
+    if masks or panoptic:
+        _require_masks(det, model, "--masks" if masks else "--panoptic")
 
     def log(msg: str) -> None:
         # drops, reconnects and a refused --show matter even in --quiet runs
         console.print(f"[yellow]video:[/] {msg}", highlight=False, soft_wrap=True)
 
     pipe_kw = dict(conf=conf, max_det=max_det, classes=class_ids, batch=batch, stride=vid_stride, latest=not every_frame,
-                   track=track, track_settings=settings, masks=masks, show=show, save=save, save_json=save_json, reconnect=reconnect,
+                   track=track, track_settings=settings, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
+                   show=show, save=save, save_json=save_json, reconnect=reconnect,
                    reconnect_timeout=reconnect_timeout, log=log)
     run_dir = _run_dir(out_dir, "video", exist_ok)
     columns = (
@@ -499,6 +517,11 @@ def eval_cmd(
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
     save_predictions: Annotated[bool, typer.Option("--save-predictions", help="Also write predictions.json (COCO results list).")] = False,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic quality (PQ, SQ, RQ; all, things, stuff) on a COCO panoptic "
+                                                              "dataset (annotations/panoptic_<split>.json + PNGs) instead of AP; "
+                                                              "needs a mask head.")] = False,
+    panoptic_conf: Annotated[float, typer.Option("--panoptic-conf", help="With --panoptic: score a query needs to take part in the "
+                                                                         "segment map.", min=0.0, max=1.0)] = 0.85,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     track: Annotated[bool, typer.Option("--track", help="Score tracking (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
@@ -531,6 +554,8 @@ def eval_cmd(
       ddetr eval MOT17-04.mp4 --track --gt MOT17-04/gt/gt.txt --classes person --tracker bytetrack
 
       ddetr eval runs/video/exp/clip.jsonl --track --gt examples/clip.json
+
+      ddetr eval ./panoptic-data --panoptic --model detr-resnet-50-panoptic
     """
     if track:
         return _eval_track(dataset, gt, model=model, conf=conf, classes=classes, max_det=max_det, imgsz=imgsz, batch=batch,
@@ -542,6 +567,10 @@ def eval_cmd(
     from ddetr_cli.engine.predictor import Detector
 
     show = not (quiet or as_json)
+    if panoptic:
+        _eval_panoptic(dataset, model, split, imgsz, batch, device, half, max_images, out_dir, exist_ok, panoptic_conf, show,
+                       as_json)
+        return
     try:
         if dataset.lower() == "coco":
             bars = _DownloadBars(show)
@@ -646,6 +675,57 @@ def _track_summary(res) -> None:
                       highlight=False)
     for kind, path in res.outputs.items():
         console.print(f"{kind:>7}: {path}", highlight=False)
+
+
+def _eval_panoptic(dataset: str, model, split: str, imgsz, batch: int, device: str, half: bool, max_images, out_dir,
+                   exist_ok: bool, threshold: float, show: bool, as_json: bool) -> None:
+    """``eval --panoptic``: PQ on a COCO panoptic dataset folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ddetr_cli.engine.evaluator import EvalError
+    from ddetr_cli.engine.panoptic_eval import evaluate_panoptic
+    from ddetr_cli.formats.panoptic import read_panoptic
+
+    if dataset.lower() == "coco":
+        raise UserError("--panoptic scores a COCO panoptic dataset folder (annotations/panoptic_<split>.json + PNGs); "
+                        "give its folder")
+    ds = read_panoptic(Path(dataset), split)
+    det, _ = _load_detector(model, device, half, imgsz)
+    _require_masks(det, model, "--panoptic")
+    if show:
+        console.print(f"[bold]{ds.root}[/] (COCO panoptic, {ds.split}): {len(ds.images)} images, {len(ds.categories)} categories",
+                      highlight=False)
+    run_dir = _run_dir(out_dir, "eval", exist_ok)
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not show)
+    with progress:
+        task = progress.add_task("eval", total=min(len(ds.images), max_images or len(ds.images)))
+        try:
+            res = evaluate_panoptic(det, ds, out_dir=run_dir, batch=batch, max_images=max_images, threshold=threshold,
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except EvalError as e:
+            raise UserError(str(e)) from None
+    res.settings["model"] = model or "default"
+    if as_json:
+        _print_json(res.to_dict())
+    elif show:
+        t = Table(title=f"ddetr eval --panoptic: {res.images} images", title_justify="left")
+        for col in ("", "PQ", "SQ", "RQ", "categories"):
+            t.add_column(col, justify="right" if col else "left")
+        for name, v in res.summary.items():
+            t.add_row(f"[bold]{name}[/]" if name == "All" else name, _fmt(v["pq"]), _fmt(v["sq"]), _fmt(v["rq"]), str(v["n"]))
+        console.print(t)
+        c = Table(title="per class", title_justify="left")
+        for col in ("class", "kind", "PQ", "SQ", "RQ", "TP", "FP", "FN"):
+            c.add_column(col, justify="left" if col in ("class", "kind") else "right")
+        for r in sorted(res.per_class, key=lambda r: -(r["pq"] if r["pq"] is not None else -1)):
+            c.add_row(r["class"], "thing" if r["isthing"] else "stuff", _fmt(r["pq"]), _fmt(r["sq"]), _fmt(r["rq"]),
+                      str(r["tp"]), str(r["fp"]), str(r["fn"]))
+        console.print(c)
+        for kind, path in res.outputs.items():
+            console.print(f"{kind:>12}: {path}", highlight=False)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 class _DownloadBars:

@@ -131,6 +131,7 @@ class Dataset:
     category_ids: list[int]
     records: list[Record]
     report: Report
+    stuff_ids: list[int] = field(default_factory=list)  # category ids that are stuff (COCO isthing 0)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -143,7 +144,7 @@ class Dataset:
         from 1, since COCO tools read id 0 as "no label"."""
         own = self.format == "coco" and len(self.category_ids) == len(self.class_names)
         ids = [int(c) for c in self.category_ids] if own else list(range(1, len(self.class_names) + 1))
-        return LabelTable.from_names(self.class_names, ids)
+        return LabelTable.from_names(self.class_names, ids, stuff_ids=self.stuff_ids if own else None)
 
     def to_coco_dict(self, records: Sequence[Record] | None = None) -> dict:
         """COCO ground truth for pycocotools (bbox xywh, area w*h) of ``records`` (default all),
@@ -312,4 +313,4 @@ def load_dataset(root: Path, split: str = "train", format: str | None = None, *,
         raise DatasetError(f"{root}: none of the {len(entries)} images of split {split!r} "
                            f"could be read (first: {', '.join(report.missing_names)})")
     return Dataset(root=root, format=fmt, split=want, class_names=source.class_names,
-                   category_ids=source.category_ids, records=records, report=report)
+                   category_ids=source.category_ids, records=records, report=report, stuff_ids=source.stuff_ids)

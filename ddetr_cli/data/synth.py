@@ -17,6 +17,11 @@ Regenerate the committed ``examples/`` folder with::
 and write a bigger dataset with, e.g.::
 
     python -m ddetr_cli.data.synth dataset /tmp/shapes --train 400 --val 100 --test 50
+
+or a panoptic one (shapes as things over sky and ground as stuff; COCO panoptic PNG + JSON and
+the same segments as a COCO instance file)::
+
+    python -m ddetr_cli.data.synth panoptic /tmp/panoptic --train 200 --val 50
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ddetr_cli.formats.annotations import Instances, names_txt
 from ddetr_cli.formats.coco import CocoWriter
 from ddetr_cli.formats.labels import Category, LabelTable
 from ddetr_cli.formats.masks import mask_area, mask_to_polygons
+from ddetr_cli.formats.panoptic import Panoptic, PanopticWriter, Segment
 from ddetr_cli.formats.voc import voc_image_set, voc_xml
 from ddetr_cli.formats.yolo import yolo_data_yaml, yolo_lines
 
@@ -211,6 +217,14 @@ def render_scene_masks(rng: np.random.Generator, width: int, height: int,
                        n_objects: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``render_scene`` plus masks: (K, H, W) bool, the visible pixels of each annotated object
     (the pixels its box is the tight box of). Same random draws, so the same scene."""
+    shapes, masks = _place_shapes(rng, width, height, n_objects)
+    canvas = _background(rng, width, height)
+    return _finish_scene(rng, canvas, shapes, masks)
+
+
+def _place_shapes(rng: np.random.Generator, width: int, height: int,
+                  n_objects: int | None) -> tuple[list[_Shape], list[np.ndarray]]:
+    """1-8 random shapes (or ``n_objects``), each placed so that earlier ones stay visible."""
     n = int(rng.integers(1, 9)) if n_objects is None else n_objects
     shapes: list[_Shape] = []
     masks: list[np.ndarray] = []
@@ -223,7 +237,14 @@ def render_scene_masks(rng: np.random.Generator, width: int, height: int,
                 shapes.append(s)
                 masks.append(m)
                 break
-    canvas = _background(rng, width, height)
+    return shapes, masks
+
+
+def _finish_scene(rng: np.random.Generator, canvas: np.ndarray, shapes: list[_Shape],
+                  masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paint the shapes over the (H, W, 3) float32 background, add grain -> image, boxes,
+    labels and visible masks of the annotated objects (see ``render_scene_masks``)."""
+    height, width = canvas.shape[:2]
     for s, m in zip(shapes, masks):
         _paint(canvas, m, s, rng)
     canvas += rng.normal(0, 4, size=canvas.shape).astype(np.float32)
@@ -234,6 +255,58 @@ def render_scene_masks(rng: np.random.Generator, width: int, height: int,
     owner = _owners(masks) if masks else np.full((height, width), -1, np.int32)
     visible = np.stack([owner == i for i in np.flatnonzero(keep)]) if keep.any() else np.zeros((0, height, width), bool)
     return image, boxes[keep].astype(np.float32), labels[keep], visible
+
+
+STUFF_NAMES: list[str] = ["sky", "ground"]  # panoptic scenes: labels 5, 6 after the shapes
+
+
+def _stuff_background(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """A pale smooth "sky" over a darker, grainy "ground", split by a wavy horizon; both of low
+    saturation, so that no shape's hue range is used -> (canvas (H, W, 3) float32 BGR, sky (H, W) bool)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = rng.uniform(0.3, 0.7) * height + rng.uniform(0.0, 0.08) * height * np.sin(
+        2 * np.pi * xx / (rng.uniform(0.5, 1.5) * width) + rng.uniform(0, 2 * np.pi))
+    sky = yy < horizon
+    top = cv2.cvtColor(np.array([[[rng.integers(95, 115), rng.integers(25, 70), rng.integers(200, 245)]]], np.uint8),
+                       cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+    low = cv2.cvtColor(np.array([[[rng.integers(12, 30), rng.integers(40, 90), rng.integers(70, 130)]]], np.uint8),
+                       cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+    t = (yy / max(height - 1, 1))[..., None]
+    cell = int(rng.integers(4, 12))
+    noise = cv2.resize(rng.random((height // cell + 2, width // cell + 2, 1)).astype(np.float32), (width, height),
+                       interpolation=cv2.INTER_NEAREST)[..., None]
+    canvas = np.where(sky[..., None], top * (1.0 - 0.15 * t), low * (0.8 + 0.4 * noise))
+    return canvas.astype(np.float32), sky
+
+
+def render_panoptic_scene(rng: np.random.Generator, width: int, height: int,
+                          n_objects: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A scene for panoptic segmentation: the shapes (things) over sky and ground (stuff).
+
+    Returns:
+        image: (H, W, 3) uint8 BGR.
+        segmap: (H, W) int32 segment ids: 1..K the annotated shapes (their visible pixels), then
+            one id each for the sky and the ground left visible; 0 (unlabeled) on shapes less
+            than ``MIN_VISIBLE`` visible.
+        labels: per segment id 1, 2, ... its label: shapes 0..4 (``CLASS_NAMES``), sky 5, ground 6.
+    """
+    shapes, masks = _place_shapes(rng, width, height, n_objects)
+    canvas, sky = _stuff_background(rng, width, height)
+    image, _, labels, visible = _finish_scene(rng, canvas, shapes, masks)
+    segmap = np.zeros((height, width), np.int32)
+    covered = np.zeros((height, width), bool)
+    for m in masks:
+        covered |= m
+    seg_labels = []
+    for k, m in enumerate(visible):
+        segmap[m] = k + 1
+        seg_labels.append(int(labels[k]))
+    for i, region in enumerate((sky, ~sky)):
+        region = region & ~covered
+        if region.any():
+            seg_labels.append(len(CLASS_NAMES) + i)
+            segmap[region] = len(seg_labels)
+    return image, segmap, seg_labels
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
@@ -256,6 +329,49 @@ def label_table() -> LabelTable:
     """CLASS_NAMES as categories 1..5 (COCO), YOLO classes 0..4, supercategory "shape"."""
     return LabelTable([Category(label=i, id=i + 1, name=n, yolo=i, supercategory="shape")
                        for i, n in enumerate(CLASS_NAMES)], len(CLASS_NAMES))
+
+
+def panoptic_label_table() -> LabelTable:
+    """The shapes (things, ids 1..5) and ``STUFF_NAMES`` (stuff, ids 6, 7)."""
+    names = CLASS_NAMES + STUFF_NAMES
+    return LabelTable([Category(label=i, id=i + 1, name=n, yolo=i, supercategory="shape" if i < len(CLASS_NAMES) else "scene",
+                                isthing=i < len(CLASS_NAMES)) for i, n in enumerate(names)], len(names))
+
+
+def generate_panoptic(out: Path, *, n_train: int, n_val: int, size: tuple[int, int] = (320, 240),
+                      seed: int = 0) -> dict:
+    """Write a synthetic panoptic dataset (``render_panoptic_scene``) under ``out`` in COCO's
+    layout: images in ``<split>/``, ``annotations/panoptic_<split>.json`` with its PNGs in
+    ``annotations/panoptic_<split>/`` (``formats.panoptic.PanopticWriter``), and the same
+    segments as a COCO instance file ``annotations/instances_<split>.json`` (things and stuff
+    as polygons, categories with ``isthing``) that ``ddetr finetune`` trains a mask head on.
+    Image ``i`` of a split depends only on (seed, split, i). ``size`` is (width, height)."""
+    out = Path(out)
+    width, height = size
+    table = panoptic_label_table()
+    counts = {"train": n_train, "val": n_val}
+    segments = 0
+    for split in (s for s in ("train", "val") if counts[s] > 0):
+        pan = PanopticWriter(table, out / "annotations" / f"panoptic_{split}")
+        coco = CocoWriter(table)
+        for i in range(counts[split]):
+            rng = np.random.default_rng([seed, 10 + _SPLIT_CODE[split], i])
+            image, segmap, labels = render_panoptic_scene(rng, width, height)
+            name = f"{split}_{i:05d}.jpg"
+            _write(out / split / name, _encode_jpeg(image))
+            pan.add(name, width, height, Panoptic(segmap, [Segment(k + 1, lab) for k, lab in enumerate(labels)]))
+            masks = [segmap == k + 1 for k in range(len(labels))]
+            boxes = []
+            for m in masks:
+                ys, xs = np.nonzero(m)
+                boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+            coco.add(name, width, height, Instances(boxes=np.array(boxes, np.int64).reshape(-1, 4), labels=np.array(labels),
+                                                    polygons=[mask_to_polygons(m, simplify=0) for m in masks],
+                                                    areas=[mask_area(m) for m in masks]))
+            segments += len(labels)
+        pan.write(out / "annotations" / f"panoptic_{split}.json", _INFO)
+        coco.write(out / "annotations" / f"instances_{split}.json", _INFO)
+    return {"root": str(out), "splits": counts, "segments": segments}
 
 
 def _write(path: Path, data: bytes | str) -> None:
@@ -546,9 +662,19 @@ def main(argv: list[str] | None = None) -> None:
     ds.add_argument("--height", type=int, default=240)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--formats", default="coco,yolo,voc", help="comma-separated")
+    pan = sub.add_parser("panoptic", help="write a synthetic COCO panoptic dataset (shapes over sky and ground)")
+    pan.add_argument("out", type=Path)
+    pan.add_argument("--train", type=int, default=200)
+    pan.add_argument("--val", type=int, default=50)
+    pan.add_argument("--width", type=int, default=320)
+    pan.add_argument("--height", type=int, default=240)
+    pan.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "examples":
         summary = make_examples(args.out, seed=args.seed)
+    elif args.command == "panoptic":
+        summary = generate_panoptic(args.out, n_train=args.train, n_val=args.val, size=(args.width, args.height),
+                                    seed=args.seed)
     else:
         summary = generate(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
                            size=(args.width, args.height), seed=args.seed,

@@ -3,7 +3,10 @@
 augmentations, and batch collation.
 
 A sample is ``(image (H, W, 3) uint8 RGB, boxes (K, 4) float32 xyxy absolute pixels, labels (K,)
-int64)``. Every random transform takes an explicit ``numpy.random.Generator`` so that the
+int64)``, with a fourth element ``masks (K, H, W) bool`` when instance masks are trained: every
+transform moves the masks with the image and keeps them aligned with the boxes.
+
+Every random transform takes an explicit ``numpy.random.Generator`` so that the
 augmentation of a sample depends only on the generator it is given (the training dataset derives
 one from (seed, epoch, index)): results are the same with any number of DataLoader workers, and
 a resumed run sees exactly the augmentations the interrupted one would have.
@@ -26,7 +29,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 _MEAN, _STD = np.array(MEAN, np.float32), np.array(STD, np.float32)
 
-Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
+Sample = tuple[np.ndarray, ...]  # (image, boxes, labels) or (image, boxes, labels, masks)
 Transform = Callable[[Sample, np.random.Generator], Sample]
 
 
@@ -90,34 +93,44 @@ def preprocess(
     return pixels, mask
 
 
+def _resize_masks(masks: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    """(K, H, W) bool -> (K, nh, nw) bool, nearest neighbour (OpenCV takes at most 512 channels)."""
+    if not len(masks):
+        return np.zeros((0, nh, nw), bool)
+    out = [cv2.resize(np.ascontiguousarray(masks[i : i + 256].transpose(1, 2, 0)).astype(np.uint8), (nw, nh),
+                      interpolation=cv2.INTER_NEAREST).reshape(nh, nw, -1) for i in range(0, len(masks), 256)]
+    return np.concatenate(out, -1).transpose(2, 0, 1).astype(bool)
+
+
 def resize(sample: Sample, short: int, max_size: int | None) -> Sample:
-    img, boxes, labels = sample
+    img, boxes, labels, *masks = sample
     h, w = img.shape[:2]
     nh, nw = resize_shape(h, w, short, max_size)
     if (nh, nw) == (h, w):
         return sample
     img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
     scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
-    return img, boxes * scale, labels
+    return (img, boxes * scale, labels, *(_resize_masks(m, nh, nw) for m in masks))
 
 
 def hflip(sample: Sample) -> Sample:
-    img, boxes, labels = sample
+    img, boxes, labels, *masks = sample
     w = img.shape[1]
     boxes = boxes.copy()
     boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-    return np.ascontiguousarray(img[:, ::-1]), boxes, labels
+    return (np.ascontiguousarray(img[:, ::-1]), boxes, labels, *(np.ascontiguousarray(m[:, :, ::-1]) for m in masks))
 
 
 def crop(sample: Sample, top: int, left: int, h: int, w: int) -> Sample:
-    """Crop and clip boxes to the region; boxes left with no area are dropped."""
-    img, boxes, labels = sample
+    """Crop and clip boxes to the region; boxes left with no area are dropped (with their masks)."""
+    img, boxes, labels, *masks = sample
     img = img[top : top + h, left : left + w]
     b = boxes - np.array([left, top, left, top], np.float32)
     b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
     b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
     keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-    return np.ascontiguousarray(img), b[keep], labels[keep]
+    return (np.ascontiguousarray(img), b[keep], labels[keep],
+            *(np.ascontiguousarray(m[keep][:, top : top + h, left : left + w]) for m in masks))
 
 
 class RandomHorizontalFlip:
@@ -150,7 +163,7 @@ class RandomSizeCrop:
         self.min_size, self.max_size, self.tries = min_size, max_size, tries
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        img, boxes, _ = sample
+        img, boxes = sample[0], sample[1]
         ih, iw = img.shape[:2]
         for _ in range(self.tries):
             w = int(rng.integers(min(self.min_size, iw), min(iw, self.max_size) + 1))
@@ -206,14 +219,18 @@ def val_transforms(imgsz: int = 800) -> Compose:
 
 
 def to_tensor(sample: Sample) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-> (image (3, H, W) float32 normalised, {"labels" (K,), "boxes" (K, 4) cxcywh in [0, 1]})."""
-    img, boxes, labels = sample
+    """-> (image (3, H, W) float32 normalised, {"labels" (K,), "boxes" (K, 4) cxcywh in [0, 1]},
+    plus "masks" (K, H, W) bool when the sample has masks)."""
+    img, boxes, labels, *masks = sample
     h, w = img.shape[:2]
     x = torch.from_numpy(((img.astype(np.float32) / 255.0 - _MEAN) / _STD).transpose(2, 0, 1).copy())
     b = boxes.astype(np.float32).reshape(-1, 4) / np.array([w, h, w, h], np.float32)
     cxcywh = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
-    return x, {"labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
-               "boxes": torch.from_numpy(cxcywh.astype(np.float32)).reshape(-1, 4)}
+    target = {"labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+              "boxes": torch.from_numpy(cxcywh.astype(np.float32)).reshape(-1, 4)}
+    if masks:
+        target["masks"] = torch.from_numpy(np.ascontiguousarray(masks[0], dtype=bool)).reshape(-1, h, w)
+    return x, target
 
 
 def pad_batch(images: Sequence[torch.Tensor], divisor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,12 +22,14 @@ import numpy as np
 from ddetr_cli.data.images import ImageReadError
 from ddetr_cli.data.sources import expand_sources, is_url, load_source
 from ddetr_cli.engine.draw import Annotator, write_image
+from ddetr_cli.engine.panoptic import PANOPTIC_THRESHOLD
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.files import atomic_path, atomic_write_text
 from ddetr_cli.formats.annotations import Instances, names_txt
 from ddetr_cli.formats.coco import CocoWriter
 from ddetr_cli.formats.labelstudio import LabelStudioWriter, image_url, labeling_config
 from ddetr_cli.formats.masks import instance_polygons, require_masks
+from ddetr_cli.formats.panoptic import PANOPTIC_JSON, PanopticWriter
 from ddetr_cli.formats.voc import voc_image_set, voc_labelmap, voc_xml
 from ddetr_cli.formats.yolo import yolo_data_yaml, yolo_lines
 
@@ -150,6 +152,8 @@ def run_detect(
     formats: Sequence[str] = ("coco",),
     save_images: bool = True,
     masks: bool = False,
+    panoptic: bool = False,
+    panoptic_conf: float = PANOPTIC_THRESHOLD,
     save_conf: bool = False,
     recursive: bool = False,
     workers: int = 4,
@@ -166,6 +170,10 @@ def run_detect(
     ``masks``: instance masks as COCO polygons in ``segmentation`` (and YOLO segmentation lines);
     needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
     written). Annotated images show masks whenever the detector returns them.
+
+    ``panoptic``: also one panoptic segmentation per image (``engine.panoptic``: queries above
+    ``panoptic_conf``), in COCO panoptic format: ``panoptic/<stem>.png`` (segment ids as RGB)
+    and ``panoptic.json``; annotated images then show the segment map. Needs a mask head too.
 
     The run folder is a dataset the tools import as it is: ``images/`` (links to the source
     images, under the COCO ``file_name``), ``predictions.json`` (COCO, every image record with
@@ -184,8 +192,8 @@ def run_detect(
     bad = set(formats) - set(FORMATS)
     if bad:
         raise ValueError(f"unknown format(s) {', '.join(sorted(bad))}; choose from {', '.join(FORMATS)}")
-    if masks:
-        require_masks(detector)
+    if masks or panoptic:
+        require_masks(detector, flag="--panoptic" if panoptic and not masks else "--masks")
     items = list(expand_sources(sources, recursive))  # names only: cheap even for 10,000 files
     if total_hint:
         total_hint(len(items))
@@ -200,10 +208,14 @@ def run_detect(
     except OSError as e:
         raise DetectStopped(f"cannot write {out_dir}: {e.strerror or e}") from None
     coco = CocoWriter(labels)
+    pan = PanopticWriter(labels, out_dir / "panoptic") if panoptic else None
     annot = Annotator(labels) if save_images else None
     res = DetectResult(out_dir)
     pred_path = out_dir / "predictions.json"
     res.outputs["coco"] = str(pred_path)
+    pan_path = out_dir / PANOPTIC_JSON
+    if pan is not None:
+        res.outputs["panoptic"] = str(pan_path)
     if save_images:
         res.outputs["images"] = str(out_dir / "annotated")
     res.outputs["source_images"] = str(out_dir / "images")
@@ -234,6 +246,7 @@ def run_detect(
             "model": detector.cfg.variant,
             "conf": conf,
             "masks": masks,
+            **({"panoptic_conf": panoptic_conf} if panoptic else {}),
             "images_processed": res.images,
             "images_total": len(items),
             "skipped": res.skipped,
@@ -246,6 +259,8 @@ def run_detect(
     def write_all(incomplete: bool) -> None:
         nonlocal saved
         coco.write(pred_path, {**info(), "incomplete": incomplete})
+        if pan is not None:
+            pan.write(pan_path, {**info(), "incomplete": incomplete})
         saved = res.images
         _link_coco(out_dir, pred_path)
         if "voc" in formats:
@@ -256,8 +271,12 @@ def run_detect(
 
     def flush_batch(pending: list[tuple[str, str, np.ndarray]]) -> None:
         nonlocal last_ckpt
-        dets_list = detector.predict_arrays([img for _, _, img in pending], conf, max_det, classes)
-        for (src, name, img), dets in zip(pending, dets_list):
+        arrays = [img for _, _, img in pending]
+        if pan is not None:
+            dets_list, pan_list = detector.predict_panoptic(arrays, conf, max_det, classes, panoptic_conf)
+        else:
+            dets_list, pan_list = detector.predict_arrays(arrays, conf, max_det, classes), [None] * len(arrays)
+        for (src, name, img), dets, seg in zip(pending, dets_list, pan_list):
             h, w = img.shape[:2]
             if is_url(src) and _split_ext(name)[1].lower() not in IMAGE_FILE_SUFFIXES:
                 name = _split_ext(name)[0] + ".jpg"  # written decoded into images/ under this name
@@ -265,6 +284,8 @@ def run_detect(
             polygons = instance_polygons(dets) if masks else None
             instances = Instances.from_detections(dets, polygons)
             coco.add(name, w, h, instances, source=_source_path(src))
+            if pan is not None:
+                pan.add(name, w, h, seg, png_name=f"{_split_ext(name)[0]}.png", source=_source_path(src))
             res.images += 1
             res.detections += len(dets)
             res.per_class.update(labels.name(int(c)) for c in dets.class_id)
@@ -279,7 +300,8 @@ def run_detect(
             if ls is not None:
                 ls.add(src, w, h, instances, labels)
             if annot is not None:
-                drawn = annot.draw(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), dets)
+                bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+                drawn = annot.draw_panoptic(bgr, seg) if seg is not None else annot.draw(bgr, dets)
                 write_image(out_dir / "annotated" / _image_file_name(name), drawn)
             if progress:
                 progress(res.images + len(res.skipped), len(items))

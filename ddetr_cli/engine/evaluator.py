@@ -95,11 +95,17 @@ def match_classes(labels: LabelTable, dataset: Dataset) -> ClassMapping:
     "Carries the ids" means at least half of the dataset's categories have the same name at the
     same id in the model's table.
     """
-    ds = [(c.id, c.name) for c in dataset.labels]
+    return match_tables(labels, dataset.labels, ids_comparable=dataset.format == "coco")
+
+
+def match_tables(labels: LabelTable, data: LabelTable, ids_comparable: bool = True) -> ClassMapping:
+    """``match_classes`` for any dataset's label table ``data``; ids are compared only where
+    ``ids_comparable`` (the dataset has its own category ids: COCO and COCO panoptic)."""
+    ds = [(c.id, c.name) for c in data]
     ds_names = dict(ds)
     same_id = sum(1 for c in labels if ds_names.get(c.id, "").strip().lower() == c.name.strip().lower())
     label_to_cat: dict[int, int] = {}
-    if dataset.format == "coco" and ds and same_id * 2 >= len(ds):
+    if ids_comparable and ds and same_id * 2 >= len(ds):
         mode = "id"
         label_to_cat = {c.label: c.id for c in labels if c.id in ds_names}
     else:

@@ -51,6 +51,10 @@ class FinetuneOptions:
                                   "ViT one); resnet: the default.")
     backbone_weights: str | None = option(None, "With --backbone vit-*: timm-layout ViT weights (.safetensors, .pth, .bin).")
     format: str | None = option(None, "Force the dataset format: coco, yolo or voc (default: detected).")
+    train_masks: bool = option(True, "DETR with a mask head on data with segmentations (COCO polygons or RLE): train the "
+                               "mask head too (focal + dice loss on the matched masks); --no-train-masks keeps it as it is.")
+    freeze_boxes: bool = option(False, "Train the mask head only; the detector (backbone, transformer, class and box heads) "
+                                "keeps its weights (DETR's second training step).", flag="--freeze-boxes")
     val_fraction: float = option(0.2, "Share of the train split held out for validation when there is no val split.")
     epochs: int = option(50, "Epochs.", min=1)
     batch: int = option(2, "Images per step per device.", min=1)
@@ -125,7 +129,7 @@ def parse_arch(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        fixed = ("class_names", "category_ids", "num_classes", "imgsz")  # set from the dataset / --imgsz
+        fixed = ("class_names", "category_ids", "stuff_ids", "num_classes", "imgsz")  # set from the dataset / --imgsz
         if not sep or key not in types or key in fixed:
             allowed = ", ".join(k for k in types if k not in fixed)
             raise FinetuneError(f"bad --arch {item!r}: expected KEY=VALUE with KEY one of {allowed}")

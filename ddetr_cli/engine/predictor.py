@@ -24,7 +24,9 @@ from torch.nn import functional as F
 
 from ddetr_cli.data.images import ImageLike, read_image
 from ddetr_cli.data.transforms import preprocess
+from ddetr_cli.engine.panoptic import PANOPTIC_THRESHOLD, merge_panoptic
 from ddetr_cli.formats.labels import LabelTable
+from ddetr_cli.formats.panoptic import Panoptic
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.fusion import to_reduced_precision
 from ddetr_cli.ops.cpu import bf16_support
@@ -258,6 +260,62 @@ class Detector:
             classes = self.labels.labels
         return postprocess(out["logits"], out["boxes"], sizes, conf, max_det, classes, self.class_names,
                            no_object=self.cfg.arch == "detr", masks=out.get("masks"), pad_mask=pad_mask)
+
+    def decode_panoptic(
+        self,
+        out: dict,
+        pad_mask: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        threshold: float = PANOPTIC_THRESHOLD,
+        classes: Sequence[int] | None = None,
+        stuff_labels: Sequence[int] | None = None,
+    ) -> list[Panoptic]:
+        """Raw outputs of one batch of a mask-head model (and its padding mask) -> one panoptic
+        segmentation per image (``engine.panoptic.merge_panoptic``) of the given (H, W) ``sizes``;
+        stuff classes from the label table unless ``stuff_labels`` are given; unnamed slots
+        never form segments."""
+        if "masks" not in out:
+            raise ValueError("panoptic segmentation needs a model with a mask head")
+        if classes is None and self.labels.has_unnamed:
+            classes = self.labels.labels
+        stuff = self.labels.stuff_labels if stuff_labels is None else stuff_labels
+        res = []
+        for i, size in enumerate(sizes):
+            valid = ~pad_mask[i]
+            valid_hw = (int(valid[:, 0].sum()), int(valid[0, :].sum()))
+            res.append(merge_panoptic(out["logits"][i], out["masks"][i], tuple(size), stuff,
+                                      padded_hw=tuple(pad_mask.shape[-2:]), valid_hw=valid_hw,
+                                      threshold=threshold, classes=classes))
+        return res
+
+    def panoptic_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float = PANOPTIC_THRESHOLD,
+        classes: Sequence[int] | None = None,
+        stuff_labels: Sequence[int] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Panoptic]:
+        """One batch of RGB uint8 arrays -> a panoptic segmentation per image, at ``sizes``
+        (default: the images' own)."""
+        out, pad_mask = self._forward(images)
+        sizes = sizes or [im.shape[:2] for im in images]
+        return self.decode_panoptic(out, pad_mask, sizes, threshold, classes, stuff_labels)
+
+    def predict_panoptic(
+        self,
+        images: Sequence[np.ndarray],
+        conf: float = 0.3,
+        max_det: int = 100,
+        classes: Sequence[int] | None = None,
+        threshold: float = PANOPTIC_THRESHOLD,
+    ) -> tuple[list[sv.Detections], list[Panoptic]]:
+        """One batch of RGB uint8 arrays -> (detections, panoptic segmentations) per image, from
+        one forward pass. ``threshold`` keeps queries for the segment map; ``conf`` the detections."""
+        out, pad_mask = self._forward(images)
+        sizes = [im.shape[:2] for im in images]
+        return (self.decode(out, pad_mask, sizes, conf, max_det, classes),
+                self.decode_panoptic(out, pad_mask, sizes, threshold, classes))
 
     def predict_arrays(
         self,

@@ -45,6 +45,7 @@ from ddetr_cli.engine.draw import Annotator  # noqa: E402
 from ddetr_cli.engine.track import Tracker, TrackSettings, tracked_output  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
+from ddetr_cli.formats.panoptic import PanopticWriter  # noqa: E402
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
 MAX_BACKOFF_S = 30.0
@@ -561,6 +562,8 @@ class VideoPipeline:
         track: bool = False,
         track_settings: TrackSettings | None = None,
         masks: bool = False,
+        panoptic: bool = False,
+        panoptic_conf: float = 0.85,
         show: bool = False,
         save: bool = False,
         save_json: bool = False,
@@ -576,9 +579,12 @@ class VideoPipeline:
         self.spec = parse_source(source)
         if (save or save_json) and out_dir is None:
             raise ValueError("out_dir is needed to save outputs")
-        if masks:
-            require_masks(detector)  # masks are drawn whenever present; --masks adds polygons to the JSON lines
-        self.masks = masks
+        if masks or panoptic:
+            # masks are drawn whenever present; --masks adds polygons to the JSON lines
+            require_masks(detector, flag="--masks" if masks else "--panoptic")
+        if panoptic and out_dir is None:
+            raise ValueError("out_dir is needed to save the panoptic segment maps")
+        self.masks, self.panoptic, self.panoptic_conf = masks, panoptic, panoptic_conf
         self.detector, self.out_dir = detector, Path(out_dir) if out_dir is not None else None
         self.conf, self.max_det, self.classes = conf, max_det, classes
         self.batch, self.stride = max(1, batch), max(1, stride)
@@ -624,9 +630,13 @@ class VideoPipeline:
                         break
                     batch.append(nxt)
                 rgb = [cv2.cvtColor(f.image, cv2.COLOR_BGR2RGB) for f in batch]
-                dets = self.detector.predict_arrays(rgb, conf=self.infer_conf, max_det=self.max_det, classes=self.classes)
-                for f, d in zip(batch, dets):
-                    if not out.put((f, d)):
+                if self.panoptic:
+                    dets, segs = self.detector.predict_panoptic(rgb, self.infer_conf, self.max_det, self.classes, self.panoptic_conf)
+                else:
+                    dets = self.detector.predict_arrays(rgb, conf=self.infer_conf, max_det=self.max_det, classes=self.classes)
+                    segs = [None] * len(dets)
+                for f, d, seg in zip(batch, dets, segs):
+                    if not out.put((f, d, seg)):
                         return
         except BaseException as e:
             self._infer_error = e
@@ -686,6 +696,9 @@ class VideoPipeline:
         jsonl = JsonlWriter(self.out_dir / f"{spec.name}.jsonl") if self.save_json and self.out_dir else None
         if jsonl:
             res.outputs["jsonl"] = str(jsonl.path)
+        pan = PanopticWriter(labels, self.out_dir / f"{spec.name}_panoptic") if self.panoptic and self.out_dir else None
+        if pan is not None:
+            res.outputs["panoptic"] = str(self.out_dir / f"{spec.name}_panoptic.json")
 
         restore = self._install_signals() if handle_signals else (lambda: None)
         t0 = time.perf_counter()
@@ -698,7 +711,7 @@ class VideoPipeline:
                 item = results.get()
                 if item is None:
                     break
-                frame, dets = item
+                frame, dets, seg = item
                 events: list[dict] = []
                 if tracker is not None:
                     dets = tracked_output(tracker.update(dets, timestamp=frame.time, frame=frame.image), self.conf)
@@ -706,7 +719,13 @@ class VideoPipeline:
                     events = [{"id": i, "event": "start"} for i in ev.started]
                     events += [{"id": i, "event": "end", "last_frame": last_frame[i]} for i in ev.ended if i in last_frame]
                     last_frame.update((int(t), frame.index) for t in dets.tracker_id if t >= 0)
-                annotated = draw(annotator, frame.image, dets) if (self.save or display or self.on_frame) else None
+                annotated = None
+                if self.save or display or self.on_frame:
+                    annotated = annotator.draw_panoptic(frame.image, seg) if seg is not None else draw(annotator, frame.image, dets)
+                if pan is not None and seg is not None:
+                    h, w = frame.image.shape[:2]
+                    pan.add(f"{frame.index:06d}.jpg", w, h, seg, image_id=frame.index + 1)
+                    pan.images[-1].update(frame=frame.index, time=round(frame.time, 4))
                 if self.save and self.out_dir is not None and annotated is not None:
                     if writer is None:
                         h, w = annotated.shape[:2]
@@ -761,6 +780,9 @@ class VideoPipeline:
                                                     for i in tracker.finish() if i in last_frame]
                         jsonl.write(pending)
                     jsonl.close()
+                if pan is not None:
+                    pan.write(Path(res.outputs["panoptic"]), {"description": "ddetr video panoptic segment maps",
+                                                              "source": str(spec.target), "panoptic_conf": self.panoptic_conf})
                 if display is not None:
                     display.close()
             infer.join(timeout=5)

@@ -92,6 +92,7 @@ class Source:
     key_to_label: dict[Any, int]
     entries: list[Entry]
     notes: list[str] = field(default_factory=list)
+    stuff_ids: list[int] = field(default_factory=list)  # category ids marked ``isthing: 0`` (COCO)
 
 
 # --------------------------------------------------------------------------- writing

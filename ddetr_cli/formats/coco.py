@@ -4,7 +4,8 @@ Layouts read: roboflow style ``<split>/_annotations.coco.json`` with the images 
 (``train/``, ``valid/`` or ``val/``, ``test/``); classic style
 ``annotations/instances_<split>[2017].json`` with images in ``<split>[2017]/``,
 ``images/<split>[2017]/`` or ``images/``. Boxes are ``bbox`` xywh pixels; ``segmentation``
-polygons and RLE are kept as written; crowd annotations are ignored.
+polygons and RLE are kept as written; crowd annotations are ignored; categories with
+``isthing: 0`` (COCO panoptic's stuff, as its converters write it) are stuff.
 
 The file written (``CocoWriter``) is a *dataset* (images, categories, annotations, with
 ``score`` for predictions) because that is what CVAT and Label Studio import; category ids come
@@ -142,7 +143,8 @@ def read_coco(root: Path, ann_file: Path) -> Source:
     if crowd:
         notes.append(f"ignored {crowd} crowd (iscrowd=1) annotations")
     return Source(class_names=[c["name"] for c in cats], category_ids=[int(c["id"]) for c in cats],
-                  key_to_label=key_to_label, entries=list(entries.values()), notes=notes)
+                  key_to_label=key_to_label, entries=list(entries.values()), notes=notes,
+                  stuff_ids=[int(c["id"]) for c in cats if c.get("isthing", 1) in (0, False)])
 
 
 # --------------------------------------------------------------------------- writing

@@ -10,6 +10,12 @@ One rule, used by detect, video, eval, finetune and every format writer:
 
 Unnamed slots ("", "N/A", "LABEL_3") are not categories: detections there are never written.
 YOLO files number the categories 0..K-1 in label order (``yolo_index``), with the names file.
+
+Things and stuff (panoptic outputs): a category is "stuff" (``isthing`` False: every pixel of
+the class in an image is one segment) when the model's config lists its id in ``stuff_ids``
+(recorded from the ``isthing`` flags of the dataset it was fine-tuned on), or, for a model with
+the published COCO panoptic table (the label index is the COCO panoptic category id), when the
+COCO panoptic category list says so. Everything else is a thing.
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ COCO_NAMES: dict[int, str] = {
 }
 
 
+# COCO panoptic "stuff" categories (panopticapi's panoptic_coco_categories.json, isthing 0):
+# id -> name. Its "things" are the 80 detection categories above, with the same ids and names.
+COCO_PANOPTIC_STUFF: dict[int, str] = {
+    92: "banner", 93: "blanket", 95: "bridge", 100: "cardboard", 107: "counter", 109: "curtain",
+    112: "door-stuff", 118: "floor-wood", 119: "flower", 122: "fruit", 125: "gravel", 128: "house",
+    130: "light", 133: "mirror-stuff", 138: "net", 141: "pillow", 144: "platform", 145: "playingfield",
+    147: "railroad", 148: "river", 149: "road", 151: "roof", 154: "sand", 155: "sea", 156: "shelf",
+    159: "snow", 161: "stairs", 166: "tent", 168: "towel", 171: "wall-brick", 175: "wall-stone",
+    176: "wall-tile", 177: "wall-wood", 178: "water-other", 180: "window-blind", 181: "window-other",
+    184: "tree-merged", 185: "fence-merged", 186: "ceiling-merged", 187: "sky-other-merged",
+    188: "cabinet-merged", 189: "table-merged", 190: "floor-other-merged", 191: "pavement-merged",
+    192: "mountain-merged", 193: "grass-merged", 194: "dirt-merged", 195: "paper-merged",
+    196: "food-other-merged", 197: "building-other-merged", 198: "rock-merged", 199: "wall-other-merged",
+    200: "rug-merged",
+}
+
+
 def coco_supercategory(cat_id: int) -> str:
     for lo, hi, name in _SUPER:
         if lo <= cat_id <= hi:
@@ -50,6 +73,13 @@ def coco_supercategory(cat_id: int) -> str:
 def coco_class_names(num_slots: int = 91) -> list[str]:
     """Label index -> name for models whose label index is the COCO category id ("" = unused slot)."""
     return [COCO_NAMES.get(i, "") for i in range(num_slots)]
+
+
+def coco_panoptic_class_names(num_slots: int = 250) -> list[str]:
+    """Label index -> name for the published COCO panoptic DETR models (250 slots, the label index
+    is the COCO panoptic category id; "" = unused slot)."""
+    names = {**COCO_NAMES, **COCO_PANOPTIC_STUFF}
+    return [names.get(i, "") for i in range(num_slots)]
 
 
 def is_placeholder(name: str | None, label: int) -> bool:
@@ -68,6 +98,7 @@ class Category:
     name: str
     yolo: int
     supercategory: str = "object"
+    isthing: bool = True
 
 
 class LabelTable:
@@ -86,10 +117,11 @@ class LabelTable:
 
     @classmethod
     def from_names(cls, names: Sequence[str | None], category_ids: Sequence[int] | None = None,
-                   num_labels: int | None = None) -> "LabelTable":
+                   num_labels: int | None = None, stuff_ids: Sequence[int] | None = None) -> "LabelTable":
         """Label names (placeholders for unused slots) and, for models trained on a COCO dataset,
         that dataset's id of each label -> the table. Without names at all, every label is a
-        category named by its index, numbered from 1."""
+        category named by its index, numbered from 1. ``stuff_ids``: the category ids that are
+        stuff (default: none, or COCO panoptic's for a table in its convention)."""
         n = num_labels if num_labels is not None else len(names)
         if category_ids is not None and len(category_ids) != n:
             raise ValueError(f"{len(category_ids)} category ids for {n} labels")
@@ -97,6 +129,9 @@ class LabelTable:
             names = [str(i) for i in range(n)]
         named = [(i, str(x)) for i, x in enumerate(names) if i < n and not is_placeholder(x, i)]
         coco_convention = category_ids is None and n > 1 and is_placeholder(names[0], 0)
+        if stuff_ids is None and coco_convention:
+            stuff_ids = [i for i, x in named if COCO_PANOPTIC_STUFF.get(i) == x]
+        stuff = set(int(i) for i in stuff_ids or ())
         cats = []
         for k, (label, name) in enumerate(named):
             if category_ids is not None:
@@ -104,14 +139,14 @@ class LabelTable:
             else:
                 cid = label if coco_convention else label + 1
             sup = coco_supercategory(cid) if COCO_NAMES.get(cid) == name else "object"
-            cats.append(Category(label=label, id=cid, name=name, yolo=k, supercategory=sup))
+            cats.append(Category(label=label, id=cid, name=name, yolo=k, supercategory=sup, isthing=cid not in stuff))
         return cls(cats, n)
 
     @classmethod
     def for_config(cls, cfg) -> "LabelTable":
         """The table of a ``ModelConfig`` (its ``class_names``, ``category_ids``, ``num_classes``)."""
         return cls.from_names(list(cfg.class_names) or [""] * cfg.num_classes, list(cfg.category_ids) or None,
-                              cfg.num_classes)
+                              cfg.num_classes, list(cfg.stuff_ids) or None)
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -150,6 +185,18 @@ class LabelTable:
     def has_unnamed(self) -> bool:
         return len(self.categories) < self.num_labels
 
+    @property
+    def stuff_labels(self) -> list[int]:
+        """The labels whose category is stuff, in label order."""
+        return [c.label for c in self.categories if not c.isthing]
+
     def coco_categories(self) -> list[dict]:
-        """The ``categories`` list of a COCO file."""
+        """The ``categories`` list of a COCO file; with ``isthing`` when some category is stuff."""
+        if self.stuff_labels:
+            return self.panoptic_categories()
         return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in self.categories]
+
+    def panoptic_categories(self) -> list[dict]:
+        """The ``categories`` list of a COCO panoptic file (with ``isthing`` 1 or 0)."""
+        return [{"id": c.id, "name": c.name, "supercategory": c.supercategory, "isthing": int(c.isthing)}
+                for c in self.categories]

@@ -37,12 +37,13 @@ class MasksUnavailable(ValueError):
     """``--masks`` asked of a model without a mask head; the message is one line."""
 
 
-def require_masks(detector: object, name: str | None = None) -> None:
-    """Raise MasksUnavailable unless ``detector.cfg.masks`` is true (the model has a mask head)."""
+def require_masks(detector: object, name: str | None = None, flag: str = "--masks") -> None:
+    """Raise MasksUnavailable unless ``detector.cfg.masks`` is true (the model has a mask head);
+    ``flag`` names the option that asked for it."""
     if getattr(getattr(detector, "cfg", None), "masks", False):
         return
     which = f"model {name!r}" if name else "this model"
-    raise MasksUnavailable(f"--masks needs a model with a mask head ({which} has none); "
+    raise MasksUnavailable(f"{flag} needs a model with a mask head ({which} has none); "
                            f"use one such as {', '.join(MASK_MODEL_EXAMPLES)}")
 
 

@@ -44,6 +44,9 @@ class ModelConfig:
     # the category id of each label, for models trained on a COCO dataset (its own ids); empty:
     # the rule of labels.LabelTable (COCO table, else 1..C)
     category_ids: list[int] = field(default_factory=list)
+    # the category ids that are "stuff" (panoptic: one segment per class and image), from the
+    # dataset's isthing flags; empty: see labels.LabelTable
+    stuff_ids: list[int] = field(default_factory=list)
     backbone_depth: int = 50
     backbone_width: int = 64  # stem channels; 64 in published ResNets, less for small CPU models
     vit_depth: int | None = None  # ViT blocks; None = the published 12

@@ -219,6 +219,14 @@ class DETR(nn.Module):
         for p in list(self.bbox_attention.parameters()) + list(self.mask_head.parameters()):
             p.requires_grad_(False)
 
+    def freeze_detector(self) -> None:
+        """Keep everything but the mask head fixed (DETR's second step: the mask head trained on
+        a finished detector)."""
+        head = {id(p) for p in list(self.bbox_attention.parameters()) + list(self.mask_head.parameters())}
+        for p in self.parameters():
+            if id(p) not in head:
+                p.requires_grad_(False)
+
     def _masks_wanted(self) -> bool:
         # Fine-tuning trains boxes only and freezes the mask head: skip its (Q-fold) work then.
         if not self.cfg.masks:

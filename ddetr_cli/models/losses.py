@@ -1,6 +1,7 @@
 """Training losses of Deformable DETR (and DETR: softmax CE, see DETRCriterion): sigmoid focal classification, L1 and GIoU box losses on
 Hungarian-matched pairs, for the final decoder layer, every auxiliary layer and (two-stage) the
-encoder proposals.
+encoder proposals; with DETR's mask head, focal and dice losses on the matched masks of the
+final layer (``mask_losses``).
 
 All terms are sums normalised by the number of target boxes in the (global) batch, so an image
 without boxes only contributes "no object" classification terms.
@@ -41,6 +42,47 @@ def paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1e-12) - (hull - union) / hull.clamp(min=1e-12)
 
 
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DETR's dice loss per mask: 1 - (2 |p t| + 1) / (|p| + |t| + 1) with p = sigmoid(logits).
+
+    logits, targets (N, P) (P pixels per mask) -> (N,)."""
+    p = logits.sigmoid()
+    return 1 - (2 * (p * targets).sum(1) + 1) / (p.sum(1) + targets.sum(1) + 1)
+
+
+def mask_losses(pred: torch.Tensor, targets: list[dict], indices: list[tuple[torch.Tensor, torch.Tensor]],
+                num_boxes: float) -> dict[str, torch.Tensor]:
+    """DETR's mask terms on the matched pairs, at the resolution the head predicts.
+
+    pred (B, Q, h, w) mask logits over the padded batch; ``targets[b]["masks"]`` (K_b, Hp, Wp)
+    bool over the same padded input, ``"mask_valid"`` (K_b,) which boxes have a mask. The target
+    masks are reduced to (h, w) by area averaging and thresholded at 0.5 (instead of the
+    reference's upsampling of the prediction to the input size: the same supervision at a
+    sixteenth of the cost). -> {"mask": focal loss (mean over pixels, summed over masks),
+    "dice"}, each divided by ``num_boxes``."""
+    h, w = pred.shape[-2:]
+    srcs, tgts = [], []
+    for b, (qi, ti) in enumerate(indices):
+        t = targets[b]
+        if "masks" not in t or not len(ti):
+            continue
+        ti = ti.to(t["masks"].device)
+        valid = t.get("mask_valid", torch.ones(len(t["masks"]), dtype=torch.bool, device=ti.device))[ti]
+        if not valid.any():
+            continue
+        m = t["masks"][ti[valid]].float()[None]
+        small = F.interpolate(m, size=(h, w), mode="area")[0] > 0.5
+        srcs.append(pred[b, qi.to(pred.device)[valid.to(pred.device)]])
+        tgts.append(small.to(pred.device))
+    if not srcs:
+        zero = pred.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
+        return {"mask": zero, "dice": zero}
+    src = torch.cat(srcs).flatten(1).float()
+    tgt = torch.cat(tgts).flatten(1).float()
+    return {"mask": sigmoid_focal_loss(src, tgt).mean(1).sum() / num_boxes,
+            "dice": dice_loss(src, tgt).sum() / num_boxes}
+
+
 def global_num_boxes(targets: list[dict], device: torch.device) -> float:
     """Number of target boxes per process, averaged over DDP ranks (>= 1), so every rank
     normalises by the same value and the summed gradients equal a single big batch's."""
@@ -58,8 +100,9 @@ class SetCriterion(nn.Module):
     (logits (B, Q, C), boxes (B, Q, 4), aux [...], enc {...}) and ``targets[b]`` =
     {"labels" (K_b,) int64, "boxes" (K_b, 4) cxcywh normalised}. Returns a dict of scalar
     tensors: ``loss`` (the weighted total to back-propagate) and the unweighted terms
-    ``cls``, ``bbox``, ``giou`` (final layer), ``cls_i``/``bbox_i``/``giou_i`` (aux layer i) and
-    ``cls_enc``/``bbox_enc``/``giou_enc`` (two-stage).
+    ``cls``, ``bbox``, ``giou`` (final layer), ``cls_i``/``bbox_i``/``giou_i`` (aux layer i),
+    ``cls_enc``/``bbox_enc``/``giou_enc`` (two-stage) and, when the outputs have ``masks`` (B, Q,
+    h, w) and the targets "masks" (K_b, Hp, Wp) over the padded input, ``mask`` and ``dice``.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, *, w_cls: float = 2.0,
@@ -67,12 +110,15 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
-        self.weights = {"cls": w_cls, "bbox": w_bbox, "giou": w_giou}
+        # mask and dice: DETR's mask_loss_coef and dice_loss_coef
+        self.weights = {"cls": w_cls, "bbox": w_bbox, "giou": w_giou, "mask": 1.0, "dice": 1.0}
         self.alpha, self.gamma = alpha, gamma
 
-    def _terms(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
+    def _terms(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict], num_boxes: float,
+               indices: list | None = None) -> dict[str, torch.Tensor]:
         """logits (B, Q, C), boxes (B, Q, 4) -> {"cls", "bbox", "giou"} for one prediction set."""
-        indices = self.matcher(logits, boxes, targets)
+        if indices is None:
+            indices = self.matcher(logits, boxes, targets)
         b_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
         q_idx = torch.cat([q for q, _ in indices]).to(logits.device)
         labels = torch.cat([t["labels"][ti.to(t["labels"].device)] for t, (_, ti) in zip(targets, indices)]).to(logits.device)
@@ -96,7 +142,10 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         if num_boxes is None:
             num_boxes = global_num_boxes(targets, outputs["logits"].device)
-        losses: dict[str, torch.Tensor] = dict(self._terms(outputs["logits"], outputs["boxes"], targets, num_boxes))
+        indices = self.matcher(outputs["logits"], outputs["boxes"], targets)
+        losses: dict[str, torch.Tensor] = dict(self._terms(outputs["logits"], outputs["boxes"], targets, num_boxes, indices))
+        if "masks" in outputs and any("masks" in t for t in targets):
+            losses.update(mask_losses(outputs["masks"], targets, indices, num_boxes))
         for i, aux in enumerate(outputs.get("aux") or []):
             for k, v in self._terms(aux["logits"], aux["boxes"], targets, num_boxes).items():
                 losses[f"{k}_{i}"] = v

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ddetr_cli.formats.labels import coco_class_names
+from ddetr_cli.formats.labels import coco_class_names, coco_panoptic_class_names
 from ddetr_cli.models.backbone import RESNET_LAYOUTS
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.weights.common import WeightsError, hub_class_names, hub_to_own
@@ -107,7 +107,8 @@ def config_from_detr_hub(cfg: dict, masks: bool) -> ModelConfig:
     depth, width, dilation = _hub_backbone(cfg)
     num_classes, names = hub_class_names(cfg)
     return ModelConfig(
-        arch="detr", masks=masks, num_classes=num_classes, class_names=names if any(names) else [],
+        arch="detr", masks=masks, num_classes=num_classes,
+        class_names=names if any(names) else (_official_names(num_classes) if masks else []),
         backbone_depth=depth, backbone_width=width, dilation=dilation, num_feature_levels=1,
         d_model=int(cfg.get("d_model", 256)), nheads=int(cfg.get("encoder_attention_heads", 8)),
         enc_layers=int(cfg.get("encoder_layers", 6)), dec_layers=int(cfg.get("decoder_layers", 6)),
@@ -125,6 +126,12 @@ def read_detr_hub(hub_cfg: dict, raw: dict[str, torch.Tensor]) -> tuple[ModelCon
         return config_from_detr_hub(hub_cfg, masks), sd
     except ValueError as e:  # ModelConfig validation
         raise WeightsError(f"unsupported DETR config ({e})") from None
+
+
+def _official_names(num_classes: int) -> list[str]:
+    """The published checkpoints hold no names: 91 slots are COCO detection's table, 250 slots
+    (the panoptic models) COCO panoptic's; other counts stay unnamed."""
+    return {91: coco_class_names(91), 250: coco_panoptic_class_names(250)}.get(num_classes, [])
 
 
 def is_detr_official(sd: dict[str, torch.Tensor]) -> bool:
@@ -149,7 +156,7 @@ def read_detr_official(args: object, sd: dict[str, torch.Tensor], filename: str 
     try:
         cfg = ModelConfig(
             arch="detr", masks="bbox_attention.q_linear.weight" in sd, num_classes=num_classes,
-            class_names=coco_class_names(num_classes) if num_classes == 91 else [],
+            class_names=_official_names(num_classes),
             backbone_depth=_depth_from_layout(kind, blocks), backbone_width=sd[f"{_BODY}conv1.weight"].shape[0],
             dilation=bool(a.get("dilation", "dc5" in filename.lower())), num_feature_levels=1,
             d_model=sd["class_embed.weight"].shape[1], nheads=int(a.get("nheads", 8)),

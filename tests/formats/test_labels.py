@@ -59,6 +59,27 @@ def test_table_rules():
         ModelConfig(num_classes=2, class_names=["a", "b"], category_ids=[1])
 
 
+def test_things_and_stuff():
+    """isthing: COCO panoptic's list for a table in its convention (label = category id), the
+    recorded stuff ids otherwise, all things by default; kept through save and load."""
+    from ddetr_cli.formats.labels import coco_panoptic_class_names
+
+    # COCO panoptic stuff, as panopticapi's panoptic_coco_categories.json lists it (isthing 0)
+    stuff = {92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148, 149,
+             151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, *range(184, 201)}
+    t = LabelTable.from_names(coco_panoptic_class_names(250))
+    assert len(t) == 133 and {c.id for c in t if not c.isthing} == stuff and t.stuff_labels == sorted(stuff)
+    assert t.get(1).name == "person" and t.get(1).isthing and t.get(187).name == "sky-other-merged"
+    assert {c["id"]: c["isthing"] for c in t.panoptic_categories()}[193] == 0
+    assert all(c.isthing for c in LabelTable.from_names(["N/A", "person", "car"]))
+    t = LabelTable.from_names(["shape", "sky"], [4, 9], stuff_ids=[9])
+    assert [(c.id, c.isthing) for c in t] == [(4, True), (9, False)]
+    cfg = ModelConfig.from_variant("detr", masks=True, num_classes=2, class_names=["shape", "sky"], category_ids=[4, 9],
+                                   stuff_ids=[9], backbone_depth=18, d_model=64, enc_layers=1, dec_layers=1,
+                                   dim_feedforward=64, num_queries=4)
+    assert ModelConfig.from_dict(cfg.to_dict()).labels.stuff_labels == [1]
+
+
 def test_category_ids_survive_save_and_load(tmp_path):
     cfg = ModelConfig(num_classes=3, class_names=["a", "b", "c"], category_ids=[3, 7, 11], backbone_depth=18,
                       d_model=64, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10)

@@ -262,6 +262,7 @@ def test_masks_without_a_mask_head_is_one_line(tiny_model_path: Path, tmp_path: 
     monkeypatch.chdir(tmp_path)
     for argv in (["detect", str(img), "--masks", "--out", str(tmp_path / "out")],
                  ["detect", str(img), "--masks"],
+                 ["detect", str(img), "--panoptic", "--out", str(tmp_path / "out")],
                  ["video", str(synth_clip(tmp_path)), "--masks", "--out", str(tmp_path / "vout")]):
         monkeypatch.setattr(sys, "argv", ["ddetr", *argv, "--model", str(tiny_model_path)])
         with pytest.raises(SystemExit) as e:

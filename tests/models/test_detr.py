@@ -303,9 +303,10 @@ def test_finetune_scratch_and_from_detr_checkpoint(tmp_path):
     m = load_model(res.best)
     assert m.cfg.arch == "detr" and m.cfg.class_names == NAMES and m.class_embed.out_features == len(NAMES) + 1
 
-    # from a DETR-segm checkpoint with other classes: class head re-initialised, mask head kept as is
+    # from a DETR-segm checkpoint with other classes: class head re-initialised, mask head kept as
+    # is with --no-train-masks (tests/engine/test_mask_training.py trains it)
     start = _tiny_detr(tmp_path / "start.safetensors", masks=True, names=["a", "b", "c"])
-    res2 = finetune(data, model=str(start), out=str(tmp_path / "runs2"), **common)
+    res2 = finetune(data, model=str(start), out=str(tmp_path / "runs2"), train_masks=False, **common)
     m2 = load_model(res2.best)
     assert m2.cfg.masks and m2.class_embed.out_features == len(NAMES) + 1
     m0 = load_model(start)

@@ -18,10 +18,14 @@ from ddetr_cli.engine.train.dist import DistInfo
 
 
 class TrainSet(TorchDataset):
-    """Indexed by (index, epoch): the augmentation generator is seeded by (seed, epoch, index)."""
+    """Indexed by (index, epoch): the augmentation generator is seeded by (seed, epoch, index).
 
-    def __init__(self, records: list[Record], imgsz: int, seed: int, train: bool = True) -> None:
-        self.records, self.seed = records, seed
+    With ``masks`` the targets also hold each box's instance mask ("masks" (K, H, W) bool over
+    the augmented image) and whether it has one ("mask_valid" (K,) bool: a box without a
+    segmentation takes no part in the mask loss)."""
+
+    def __init__(self, records: list[Record], imgsz: int, seed: int, train: bool = True, masks: bool = False) -> None:
+        self.records, self.seed, self.masks = records, seed, masks
         self.tf = train_transforms(imgsz) if train else val_transforms(imgsz)
 
     def __len__(self) -> int:
@@ -38,18 +42,40 @@ class TrainSet(TorchDataset):
             # rather than losing the run mid-epoch.
             img = np.full((r.height, r.width, 3), 114, np.uint8)
             boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+            valid = np.zeros(0, bool)
         else:
             boxes, labels = r.boxes.astype(np.float32).reshape(-1, 4), r.labels.astype(np.int64).reshape(-1)
-        x, target = to_tensor(self.tf((img, boxes, labels), rng))
+            valid = np.array([bool(s) for s in r.segments[: len(boxes)]] + [False] * (len(boxes) - len(r.segments)), bool)
+        sample: tuple = (img, boxes, labels)
+        if self.masks:
+            # the box index rides along as a label column so that boxes dropped by a crop drop their flag too
+            masks = r.masks() if len(boxes) and valid.any() else np.zeros((len(boxes), *img.shape[:2]), bool)
+            if masks.shape[1:] != img.shape[:2]:  # annotations made for another size than the file's
+                masks = np.zeros((len(boxes), *img.shape[:2]), bool)
+                valid[:] = False
+            sample = (img, boxes, np.stack([labels, np.arange(len(labels))], 1).reshape(-1, 2), masks)
+        out = self.tf(sample, rng)
+        if self.masks:
+            idx = out[2][:, 1] if len(out[2]) else np.zeros(0, np.int64)
+            out = (out[0], out[1], out[2][:, 0] if len(out[2]) else np.zeros(0, np.int64), out[3])
+        x, target = to_tensor(out)
+        if self.masks:
+            target["mask_valid"] = torch.from_numpy(valid[idx].copy())
         target["image_id"] = r.image_id
         target["orig_size"] = (r.height, r.width)
         return x, target
 
 
 def collate(items: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """-> (images (B, 3, H, W), mask (B, H, W) True on padding, targets)."""
+    """-> (images (B, 3, H, W), mask (B, H, W) True on padding, targets); instance masks are
+    padded like their images (bottom/right), so they lie over the batch's padded input."""
     images, mask = pad_batch([x for x, _ in items])
-    return images, mask, [t for _, t in items]
+    targets = [t for _, t in items]
+    for t in targets:
+        if "masks" in t:
+            m = t["masks"]
+            t["masks"] = torch.nn.functional.pad(m, (0, mask.shape[-1] - m.shape[-1], 0, mask.shape[-2] - m.shape[-2]))
+    return images, mask, targets
 
 
 def epoch_batches(n: int, batch: int, seed: int, epoch: int, info: DistInfo) -> list[list[tuple[int, int]]]:

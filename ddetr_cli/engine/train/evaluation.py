@@ -18,7 +18,8 @@ from ddetr_cli.weights.load import save_model
 @torch.no_grad()
 def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.device, batch: int = 4,
                  workers: int = 0) -> dict[str, float]:
-    """COCO mAP of ``model`` on ``dataset``: {"AP", "AP50", "AP75"} (fractions, 0 if undefined).
+    """COCO mAP of ``model`` on ``dataset``: {"AP", "AP50", "AP75"} (fractions, 0 if undefined),
+    and {"mask_AP", "mask_AP50"} when the model has a mask head and the data segmentations.
 
     This is ``ddetr eval``'s own path (``Detector`` preprocessing and post-processing, top 100
     without threshold, the same COCOeval), with the model left unfused so training goes on: the
@@ -29,10 +30,13 @@ def evaluate_map(model: nn.Module, dataset: Dataset, imgsz: int, device: torch.d
     was_training = model.training
     try:
         detector = Detector(model, device=device, imgsz=imgsz, optimize=False)
-        m = evaluate(detector, dataset, batch=batch, conf=0.0, max_det=100, plot=False, workers=max(1, workers)).metrics
+        res = evaluate(detector, dataset, batch=batch, conf=0.0, max_det=100, plot=False, workers=max(1, workers))
     finally:
         model.train(was_training)
-    return {k: m[k] or 0.0 for k in ("AP", "AP50", "AP75")}
+    out = {k: res.metrics[k] or 0.0 for k in ("AP", "AP50", "AP75")}
+    if res.mask_metrics is not None:
+        out.update(mask_AP=res.mask_metrics["AP"] or 0.0, mask_AP50=res.mask_metrics["AP50"] or 0.0)
+    return out
 
 
 class BestCheckpoint(HookBase):

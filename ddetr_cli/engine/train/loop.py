@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ddetr_cli.data.datasets import Dataset, DatasetError, load_dataset
-from ddetr_cli.engine.options import FinetuneOptions
+from ddetr_cli.engine.options import FinetuneError, FinetuneOptions
 from ddetr_cli.engine.train.data import TrainSet, epoch_batches, make_loader
 from ddetr_cli.engine.train.dist import DistInfo, any_rank
 from ddetr_cli.engine.train.evaluation import BestCheckpoint
@@ -97,6 +97,7 @@ class Trainer:
     """
 
     LOSS_KEYS = ("loss", "cls", "bbox", "giou")
+    MASK_KEYS = ("mask", "dice")  # with a trained mask head
 
     def __init__(self, opts: FinetuneOptions, info: DistInfo, device: torch.device, console: Any,
                  run_dir: Path | None, state: dict | None = None) -> None:
@@ -127,8 +128,18 @@ class Trainer:
             self.model, self.model_source = starting_model(self.train_set.labels, o)
         self.model.to(device).train()
         self.cfg = self.model.cfg
-        if self.cfg.masks:  # boxes only: DETR's mask head keeps its weights (no mask targets here)
+        has_masks = any(r.has_masks for r in self.train_set.records)
+        self.train_masks = bool(self.cfg.masks and o.train_masks and has_masks)
+        if o.freeze_boxes and not self.train_masks:
+            raise FinetuneError("--freeze-boxes trains the mask head only: it needs a model with a mask head, data with "
+                                "segmentations and no --no-train-masks")
+        if o.freeze_boxes and "class head re-initialised" in self.model_source:
+            raise FinetuneError("--freeze-boxes keeps the detector as it is: start from a model trained on these classes")
+        if self.cfg.masks and not self.train_masks:  # boxes only: DETR's mask head keeps its weights
             self.model.freeze_mask_head()
+        if o.freeze_boxes:
+            self.model.freeze_detector()
+        self.loss_keys = self.LOSS_KEYS + (self.MASK_KEYS if self.train_masks else ())
 
         lr_backbone = o.lr_backbone if o.lr_backbone is not None else o.lr / 10
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.lr, lr_backbone, o.weight_decay), lr=o.lr,
@@ -246,10 +257,11 @@ class Trainer:
         """One optimizer step over ``micro`` (accumulated micro-batches) -> mean loss terms.
 
         A non-finite loss (on any rank) skips the update; ``step_finite`` says which it was."""
-        logs: dict[str, float] = {k: 0.0 for k in self.LOSS_KEYS}
+        logs: dict[str, float] = {k: 0.0 for k in self.loss_keys}
         for j, (images, mask, targets) in enumerate(micro):
             images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-            targets = [{"labels": t["labels"].to(self.device), "boxes": t["boxes"].to(self.device)} for t in targets]
+            keep = ("labels", "boxes", "masks", "mask_valid") if self.train_masks else ("labels", "boxes")
+            targets = [{k: t[k].to(self.device) for k in keep if k in t} for t in targets]
             sync = j == len(micro) - 1 or not self.info.enabled
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
             with ctx:
@@ -257,7 +269,7 @@ class Trainer:
                     out = self.ddp_model(images, mask)
                 losses = self.criterion(out, targets)
                 self.scaler.scale(losses["loss"] / len(micro)).backward()
-            for k in self.LOSS_KEYS:
+            for k in self.loss_keys:
                 logs[k] += float(losses[k].detach()) / len(micro)
         # every rank must take (or skip) the step together
         self.step_finite = not any_rank(not math.isfinite(logs["loss"]), self.info, self.device)
@@ -278,7 +290,7 @@ class Trainer:
         o = self.o
         batches = epoch_batches(len(self.train_set), o.batch, o.seed, self.epoch, self.info)
         start = self.step_in_epoch * o.accumulate
-        ds = TrainSet(self.train_set.records, o.imgsz, o.seed)
+        ds = TrainSet(self.train_set.records, o.imgsz, o.seed, masks=self.train_masks)
         loader = make_loader(ds, batches[start:], o.workers, self.device.type == "cuda")
         self.model.train()
         t0 = time.time()
@@ -317,7 +329,7 @@ class Trainer:
         o = self.o
         n = max(self.sums.get("n", 0.0), 1.0)
         self.epoch_log = {"epoch": self.epoch + 1, "steps": self.global_step,
-                          **{k: self.sums.get(k, 0.0) / n for k in self.LOSS_KEYS},
+                          **{k: self.sums.get(k, 0.0) / n for k in self.loss_keys},
                           "lr": self.optimizer.param_groups[-1]["lr"], "time": self.epoch_time,
                           "epoch_steps": self.step_in_epoch}
         self.epoch += 1

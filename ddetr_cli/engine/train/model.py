@@ -46,7 +46,8 @@ def starting_model(labels: LabelTable, opts: FinetuneOptions) -> tuple[Deformabl
     """
     model, source = _starting_model(labels.names, opts)
     # Same architecture, only the recorded ids and input size change: safe to swap the config.
-    model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz, category_ids=[c.id for c in labels])
+    model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz, category_ids=[c.id for c in labels],
+                                    stuff_ids=[c.id for c in labels if not c.isthing])
     return model, source
 
 

@@ -10,8 +10,9 @@ from typing import Any
 from ddetr_cli.engine.train.hooks import HookBase, Trainer
 from ddetr_cli.files import atomic_write_text
 
-# results.csv's columns, in order
+# results.csv's columns, in order; a run that trains a mask head adds MASK_COLUMNS
 COLUMNS = ("epoch", "steps", "loss", "cls", "bbox", "giou", "lr", "AP", "AP50", "AP75", "time")
+MASK_COLUMNS = ("mask", "dice", "mask_AP", "mask_AP50")
 
 
 class ResultsWriter(HookBase):
@@ -23,6 +24,7 @@ class ResultsWriter(HookBase):
 
     def after_epoch(self, trainer: Trainer) -> None:
         row = {k: trainer.epoch_log[k] for k in COLUMNS}
+        row.update({k: trainer.epoch_log[k] for k in MASK_COLUMNS if k in trainer.epoch_log})
         self.history.append(row)
         if trainer.info.main:
             write_results(self.history, trainer.run_dir)
