@@ -37,6 +37,23 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny.safetensors")
 
 
+@pytest.fixture(scope="session")
+def tiny_mask_model_path(tmp_path_factory) -> Path:
+    """A randomly initialised small DETR with a mask head (``masks``), in the project's format; its
+    class logits are spread so that detections (and masks) appear."""
+    from ddetr_cli.models.build import build_model
+    from ddetr_cli.models.config import ModelConfig
+    from ddetr_cli.weights.load import save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_variant(
+        "detr", masks=True, num_classes=5, class_names=TINY_CLASSES, backbone_depth=18, d_model=64, nheads=8,
+        enc_layers=1, dec_layers=1, dim_feedforward=128, num_queries=12))
+    with torch.no_grad():
+        model.class_embed.weight.mul_(20)
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny_detr_masks.safetensors")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Registry and converted weights go to a per-test folder, never the user's cache; the
@@ -48,3 +65,20 @@ def _isolated_home(tmp_path, monkeypatch):
     # under test, not whatever copy is installed (an editable install may point at another checkout).
     root = str(Path(__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the session (``labelstudio_server.py``); a missing install
+    fails the tests that need it (the README's install step makes it)."""
+    from labelstudio_server import StartError, executable, run_server
+
+    if not os.access(executable(), os.X_OK):
+        pytest.fail(f"no Label Studio at {executable()}: run README's install step (bash tests/install_tools.sh)")
+    gen = run_server(tmp_path_factory.mktemp("label_studio"))
+    try:
+        server = next(gen)
+    except StartError as e:
+        pytest.fail(str(e))
+    yield server
+    gen.close()

@@ -25,8 +25,9 @@ Labels: each model class is written under the config's Label of the same name (t
 for case, then a Label listing it in ``predicted_values``); classes the config lacks are
 dropped and logged once per config.
 
-A request's images are decoded in worker threads; the model runs one call at a time, on the
-request's images in batches of ``batch`` (sorted by aspect ratio, so a batch pads little).
+A request's images are read in worker threads; the model runs one call at a time, on the
+request's images that it resizes to one shape together (``batch`` at most; never padded, so a
+task's prediction is the one its image gets alone).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import numpy as np
 
 from ddetr_cli.data.images import ImageReadError, read_image
 from ddetr_cli.data.sources import fetch_url
+from ddetr_cli.data.transforms import resize_shape
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.formats.annotations import Instances
 from ddetr_cli.formats.labels import LabelTable
@@ -257,15 +259,21 @@ class LabelStudioBackend:
         return list(self.io_pool.map(one, tasks))
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Instances]:
-        """Images -> detections (with polygons when ``masks``), in batches of ``batch`` images of
-        similar aspect ratio; call from one thread at a time (``model_pool``)."""
-        order = sorted(range(len(images)), key=lambda i: images[i].shape[0] / images[i].shape[1])
+        """Images -> detections (with polygons when ``masks``). Images that the model resizes to
+        the same shape go through it together, ``batch`` at a time; others alone, since padding
+        an image to its batch's size changes its detections (the model sees the padding).
+        Call from one thread at a time (``model_pool``)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            shape = resize_shape(im.shape[0], im.shape[1], self.detector.imgsz, self.detector.max_size)
+            groups.setdefault(shape, []).append(i)
         out: list[Instances | None] = [None] * len(images)
-        for start in range(0, len(order), self.batch):
-            idx = order[start : start + self.batch]
-            dets = self.detector.predict_arrays([images[i] for i in idx], self.conf, self.max_det, self.classes)
-            for i, d in zip(idx, dets):
-                out[i] = Instances.from_detections(d, instance_polygons(d) if self.masks else None)
+        for group in groups.values():
+            for start in range(0, len(group), self.batch):
+                idx = group[start : start + self.batch]
+                dets = self.detector.predict_arrays([images[i] for i in idx], self.conf, self.max_det, self.classes)
+                for i, d in zip(idx, dets):
+                    out[i] = Instances.from_detections(d, instance_polygons(d) if self.masks else None)
         return out  # type: ignore[return-value]
 
     def predictions(self, tasks: Sequence[dict], images: Sequence[np.ndarray | str], targets: Targets) -> list[Any]:
