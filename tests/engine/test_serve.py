@@ -51,12 +51,17 @@ def client_for(detector, **kw) -> Iterator[tuple[TestClient, list[str]]]:
         yield client, log
 
 
+_REFERENCE: dict[tuple, tuple] = {}
+
+
 def expected(det: Detector, path: Path, conf: float = 0.3, names: dict[str, str] | None = None) -> list[tuple]:
     """The reference: the Detector on the image alone -> (label, score, x, y, w, h in percent),
     renamed by ``names`` (classes missing from it dropped)."""
-    img = read_image(path)
-    H, W = img.shape[:2]
-    [d] = det.predict_arrays([img], conf)
+    key = (id(det), path, conf)
+    if key not in _REFERENCE:
+        img = read_image(path)
+        _REFERENCE[key] = (img.shape[:2], det.predict_arrays([img], conf)[0])
+    (H, W), d = _REFERENCE[key]
     out = []
     for (x1, y1, x2, y2), c, s in zip(d.xyxy, d.class_id, d.confidence):
         name = det.labels.name(int(c))
@@ -295,14 +300,14 @@ def test_labels_matched_to_the_config_by_name(demo):
   </RectangleLabels>
 </View>"""
     names = {"circle": "Circle", "square": "box", "triangle": "Triangle"}
-    tasks = [{"id": i, "data": {"picture": str(p)}} for i, p in enumerate(IMAGES)]
+    tasks = [{"id": i, "data": {"picture": str(p)}} for i, p in enumerate(IMAGES[:3])]
     with client_for(demo) as (c, log):
-        for _ in range(2):
-            r = c.post("/predict", json={"tasks": tasks, "label_config": config})
-            assert r.status_code == 200
+        r = c.post("/predict", json={"tasks": tasks, "label_config": config})
+        assert r.status_code == 200
+        assert c.post("/predict", json={"tasks": tasks[:1], "label_config": config}).json()["results"][0]["result"]
         c.post("/setup", json={"project": "2.2", "schema": config})
     n = 0
-    for pred, path in zip(r.json()["results"], IMAGES):
+    for pred, path in zip(r.json()["results"], IMAGES[:3]):
         h, w = read_image(path).shape[:2]
         want = expected(demo, path, names=names)
         check_prediction(pred, want, (w, h), from_name="shapes", to_name="photo")
@@ -322,13 +327,13 @@ def test_classes_conf_and_batches(demo, monkeypatch):
         calls.append(([im.shape[:2] for im in images], conf, classes))
         return real(images, conf, max_det, classes)
 
-    paths = IMAGES + IMAGES[:2]  # 320x240, 640x480, 800x600 all resize to 256x341: five images of one shape
+    paths = IMAGES[:3] + IMAGES[:2]  # 320x240 and 640x480 both resize to 256x341: four images of one shape
     tasks = [{"id": i, "data": {"image": str(p)}} for i, p in enumerate(paths)]
     with client_for(demo, batch=4, conf=0.5, classes=[0, 1]) as (c, log):
         monkeypatch.setattr(demo, "predict_arrays", spy)
         results = c.post("/predict", json={"tasks": tasks}).json()["results"]
         monkeypatch.undo()
-    assert sorted(len(shapes) for shapes, _, _ in calls) == [1, 1, 1, 1, 4]
+    assert sorted(len(shapes) for shapes, _, _ in calls) == [1, 4]
     for shapes, conf, classes in calls:
         assert conf == 0.5 and classes == [0, 1]
         assert len({resize_shape(h, w, demo.imgsz, demo.max_size) for h, w in shapes}) == 1
