@@ -54,6 +54,49 @@ def tiny_mask_model_path(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny_detr_masks.safetensors")
 
 
+@pytest.fixture
+def start_serve(tmp_path):
+    """Starts ``ddetr serve ARGS --port 0 --json`` (``python -m ddetr_cli``, env plus ``env``) and
+    waits for it to listen -> (process, URL, stderr log file); stopped (SIGTERM, then SIGKILL) at
+    teardown if still running."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    procs = []
+
+    def start(*args: str, env: dict[str, str] | None = None, timeout: float = 400.0):
+        log = tmp_path / f"serve{len(procs)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "serve", *args, "--port", "0", "--json"],
+                                stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True,
+                                env={**os.environ, **(env or {})})
+        procs.append(proc)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        t0 = time.monotonic()
+        while True:
+            try:
+                return proc, json.loads("".join(lines))["url"], log
+            except ValueError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > timeout:
+                pytest.fail(f"ddetr serve did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Registry and converted weights go to a per-test folder, never the user's cache; the

@@ -4,7 +4,9 @@ and the way to run its SDK.
 The server is the ``label-studio`` of ``.venv-label-studio`` (its own venv, with
 ``label-studio-sdk``, made by ``tests/install_tools.sh``), or the one ``DDETR_LABEL_STUDIO`` names;
 SQLite, 127.0.0.1, a legacy API token, local-file serving under ``root``, and ML backends on
-loopback addresses allowed (``ML_BLOCK_LOCAL_IP=false``: ``ddetr serve`` runs on 127.0.0.1).
+loopback addresses allowed (``ML_BLOCK_LOCAL_IP=false`` for the backend and
+``SSRF_PROTECTION_ENABLED=false`` for the webhook Label Studio adds with it: ``ddetr serve`` runs
+on 127.0.0.1).
 Start-up takes 60-90 s on the CI machine, so one server serves the whole session.
 """
 
@@ -70,7 +72,8 @@ def run_server(base: Path) -> Iterator[Server]:
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root),
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "ML_BLOCK_LOCAL_IP": "false",
+        "ML_BLOCK_LOCAL_IP": "false",  # connecting a backend on 127.0.0.1 ...
+        "SSRF_PROTECTION_ENABLED": "false",  # ... and the webhook Label Studio then adds for it
         "DJANGO_DB": "sqlite",
     }
     log = base / "server.log"

@@ -677,8 +677,12 @@ def serve(
             _print_json({"url": url, "model_version": version, "device": str(det.device),
                          "classes": det.labels.names, "masks": masks})
 
-    run_server(backend, sock, access_log=not quiet, on_start=started)
+    import signal
+
+    stopped_by = run_server(backend, sock, access_log=not quiet, on_start=started)
     console.print("ddetr serve: stopped", highlight=False)
+    if stopped_by == signal.SIGINT:
+        raise typer.Exit(130)  # Ctrl-C, as every command; SIGTERM (a service manager) is a normal stop
 
 
 # -- finetune -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """``ddetr serve``: the Label Studio ML backend (``engine.ml_backend``) as an HTTP server
-(FastAPI on uvicorn), stopped gracefully by SIGINT / SIGTERM.
+(FastAPI on uvicorn), stopped gracefully by SIGINT / SIGTERM (requests in flight are answered).
 
 The event loop only parses requests and answers ``/health`` (Label Studio gives it 1 s); image
 reading runs in the backend's reader threads and the model in its one model thread.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -85,15 +86,31 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(backend: LabelStudioBackend, sock: socket.socket, *, access_log: bool = True,
-               on_start: Callable[[str], None] | None = None) -> None:
-    """Serve on ``sock`` until SIGINT / SIGTERM (uvicorn's handlers): it stops accepting, lets the
-    requests in flight finish (30 s at most), then closes the backend. ``on_start`` gets the URL."""
-    import uvicorn
+               on_start: Callable[[str], None] | None = None) -> int | None:
+    """Serve on ``sock`` until SIGINT / SIGTERM: uvicorn stops accepting, lets the requests in
+    flight finish (30 s at most) and closes the backend. Returns the signal that stopped it.
 
+    uvicorn raises the signal it caught again once it is done (so that a default handler ends
+    the process); the handlers set here take it instead, so the caller decides how to exit."""
+    import copy
+
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    # uvicorn's access log goes to stdout by default; stdout is for --json
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
     config = uvicorn.Config(create_app(backend), log_level="info" if access_log else "warning", access_log=access_log,
-                            timeout_graceful_shutdown=30, lifespan="on")
+                            log_config=log_config, timeout_graceful_shutdown=30, lifespan="on")
     server = uvicorn.Server(config)
-    if on_start is not None:
-        host, port = sock.getsockname()[:2]
-        on_start(f"http://{f'[{host}]' if ':' in host else host}:{port}")
-    server.run(sockets=[sock])
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if on_start is not None:
+            host, port = sock.getsockname()[:2]
+            on_start(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return caught[0] if caught else None
