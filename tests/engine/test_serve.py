@@ -13,6 +13,9 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -379,3 +382,18 @@ def test_masks_polygons(tiny_mask_model_path):
     with client_for(det, masks=True, conf=0.05) as (c, log):
         results = c.post("/predict", json={"tasks": tasks, "label_config": labeling_config(NAMES)}).json()["results"]
     assert {r["type"] for p in results for r in p["result"]} == {"rectanglelabels"}
+
+
+@pytest.mark.parametrize("case", ["port in use", "unknown model", "masks without a mask head"])
+def test_cli_failures_are_one_line(case):
+    """``ddetr serve`` that cannot start: exit 2 and one ``error:`` line, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        args = {"port in use": ["--model", "demo", "--port", str(busy.getsockname()[1])],
+                "unknown model": ["--model", "no-such-model", "--port", "0"],
+                "masks without a mask head": ["--model", "demo", "--masks", "--port", "0"]}[case]
+        p = subprocess.run([sys.executable, "-m", "ddetr_cli", "serve", *args], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert {"port in use": "cannot listen", "unknown model": "no-such-model", "masks without a mask head": "mask head"}[case] in lines[0]
