@@ -85,9 +85,10 @@ def _jwt_claims(token: str) -> dict | None:
     if len(parts) != 3:
         return None
     try:
-        return json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, UnicodeDecodeError):
         return None
+    return claims if isinstance(claims, dict) else None
 
 
 class LabelStudioAuth:
@@ -203,7 +204,7 @@ class LabelStudioBackend:
         """A config -> where regions go; logs once per config the model classes it drops. Without
         a config, the one ``ddetr detect --format labelstudio`` writes for this model."""
         xml = label_config or labeling_config(self.detector.labels.names, self.masks)
-        t = _targets(xml, self.detector.labels, self.masks)
+        t = _targets(xml, self.detector.labels, self.masks, tuple(self.classes) if self.classes is not None else None)
         key = (t.config.rectangles, t.config.polygons)
         if key not in self._reported:
             with self._lock:
@@ -312,7 +313,8 @@ def _project_id(value: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _targets(xml: str, labels: LabelTable, masks: bool) -> Targets:
+def _targets(xml: str, labels: LabelTable, masks: bool, classes: tuple[int, ...] | None) -> Targets:
+    """A config -> Targets; ``dropped``: the classes asked for (``classes``, default all) that it lacks."""
     try:
         cfg = read_labeling_config(xml)
     except LabelingConfigError as e:
@@ -323,5 +325,5 @@ def _targets(xml: str, labels: LabelTable, masks: bool) -> Targets:
         raise RequestError("the labeling config has only PolygonLabels: start ddetr serve with --masks (and a model with a "
                            "mask head) to predict polygons, or add RectangleLabels", 422)
     used = [t for t in (rect, poly) if t is not None]
-    dropped = [c.name for c in labels if all(t.get(c.label) is None for t in used)]
+    dropped = [c.name for c in labels if (classes is None or c.label in classes) and all(t.get(c.label) is None for t in used)]
     return Targets(cfg, rect, poly, tuple(dropped))

@@ -317,6 +317,10 @@ def test_labels_matched_to_the_config_by_name(demo):
         n += len(want)
     assert n > 0 and len(expected(demo, IMAGES[1])) > len(expected(demo, IMAGES[1], names=names))  # some were dropped
     assert len(log) == 1 and "cross, ring" in log[0] and "circle" not in log[0]
+    # classes left out by --classes are not reported missing
+    with client_for(demo, classes=[0, 1]) as (c, log):
+        [pred] = c.post("/predict", json={"tasks": tasks[:1], "label_config": config}).json()["results"]
+    assert log == [] and {r["value"]["rectanglelabels"][0] for r in pred["result"]} <= {"Circle", "box"}
 
 
 def test_classes_conf_and_batches(demo, monkeypatch):
