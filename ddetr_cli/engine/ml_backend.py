@@ -206,13 +206,12 @@ class LabelStudioBackend:
         xml = label_config or labeling_config(self.detector.labels.names, self.masks)
         t = _targets(xml, self.detector.labels, self.masks, tuple(self.classes) if self.classes is not None else None)
         key = (t.config.rectangles, t.config.polygons)
-        if key not in self._reported:
-            with self._lock:
-                new = key not in self._reported
-                self._reported.add(key)
-            if new and t.dropped:
-                self.log(f"the labeling config has no label for {', '.join(t.dropped)}: "
-                         f"{'that class is' if len(t.dropped) == 1 else 'those classes are'} not predicted")
+        with self._lock:
+            first = key not in self._reported
+            self._reported.add(key)
+        if first and t.dropped:
+            self.log(f"the labeling config has no label for {', '.join(t.dropped)}: "
+                     f"{'that class is' if len(t.dropped) == 1 else 'those classes are'} not predicted")
         return t
 
     def image_source(self, task: dict, field: str, project: str | None) -> tuple[str, Callable[[], np.ndarray]]:
