@@ -5,7 +5,8 @@ carry ``predictions``: regions in *percent* of the image (``x``, ``y``, ``width`
 rectangle; polygon ``points``), each with its ``score``. A region's ``from_name`` / ``to_name``
 must be the ``name`` of a control tag (``RectangleLabels``) and of the ``Image`` tag in the
 project's labeling config, and its label one of that tag's ``Label`` values: ``labeling_config``
-writes the matching config.
+writes the matching config; ``read_labeling_config`` reads a project's own (for ``ddetr serve``,
+which answers Label Studio with ``prediction``).
 
 Images on this machine are served by Label Studio itself ("local files") under
 ``/data/local-files/?d=<path relative to the document root>``, which needs the server started
