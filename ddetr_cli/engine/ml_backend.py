@@ -286,7 +286,8 @@ class LabelStudioBackend:
         for i, inst in zip(ok, dets):
             h, w = images[i].shape[:2]
             results[i] = prediction(
-                inst, targets.rect_labels or targets.poly_labels, w, h, self.model_version,
+                inst, targets.rect_labels if targets.rect_labels is not None else targets.poly_labels, w, h,
+                self.model_version,
                 from_name=cfg.rectangles.from_name if targets.rect_labels is not None else None, to_name=cfg.to_name,
                 polygon_name=cfg.polygons.from_name if targets.poly_labels is not None else None,
                 polygon_labels=targets.poly_labels, id_prefix=f"t{tasks[i].get('id', i + 1)}",
@@ -325,4 +326,8 @@ def _targets(xml: str, labels: LabelTable, masks: bool, classes: tuple[int, ...]
                            "mask head) to predict polygons, or add RectangleLabels", 422)
     used = [t for t in (rect, poly) if t is not None]
     dropped = [c.name for c in labels if (classes is None or c.label in classes) and all(t.get(c.label) is None for t in used)]
+    asked = [c.name for c in labels if classes is None or c.label in classes]
+    if len(dropped) == len(asked):
+        raise RequestError(f"the labeling config has none of the model's classes ({', '.join(asked)}): name its Labels "
+                           "after them, or list them in a Label's predicted_values", 422)
     return Targets(cfg, rect, poly, tuple(dropped))

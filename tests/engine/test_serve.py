@@ -286,6 +286,8 @@ def test_bad_requests(demo):
         r = c.post("/predict", json={"tasks": [{"data": {"image": str(IMAGES[0])}}], "label_config": only_polygons})
         assert r.status_code == 422 and "--masks" in r.json()["error"]
         assert c.post("/predict", json={"tasks": []}).json() == {"results": []}
+        r = c.post("/predict", json={"tasks": [{"data": {"image": str(IMAGES[0])}}], "label_config": labeling_config(["dog", "cat"])})
+        assert r.status_code == 422 and "none of the model's classes (circle, square" in r.json()["error"]
 
 
 def test_labels_matched_to_the_config_by_name(demo):
