@@ -37,6 +37,66 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny.safetensors")
 
 
+@pytest.fixture(scope="session")
+def tiny_mask_model_path(tmp_path_factory) -> Path:
+    """A randomly initialised small DETR with a mask head (``masks``), in the project's format; its
+    class logits are spread so that detections (and masks) appear."""
+    from ddetr_cli.models.build import build_model
+    from ddetr_cli.models.config import ModelConfig
+    from ddetr_cli.weights.load import save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_variant(
+        "detr", masks=True, num_classes=5, class_names=TINY_CLASSES, backbone_depth=18, d_model=64, nheads=8,
+        enc_layers=1, dec_layers=1, dim_feedforward=128, num_queries=12))
+    with torch.no_grad():
+        model.class_embed.weight.mul_(20)
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny_detr_masks.safetensors")
+
+
+@pytest.fixture
+def start_serve(tmp_path):
+    """Starts ``ddetr serve ARGS --port 0 --json`` (``python -m ddetr_cli``, env plus ``env``) and
+    waits for it to listen -> (process, URL, stderr log file); stopped (SIGTERM, then SIGKILL) at
+    teardown if still running."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    procs = []
+
+    def start(*args: str, env: dict[str, str] | None = None, timeout: float = 400.0):
+        log = tmp_path / f"serve{len(procs)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "serve", *args, "--port", "0", "--json"],
+                                stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True,
+                                env={**os.environ, **(env or {})})
+        procs.append(proc)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        t0 = time.monotonic()
+        while True:
+            try:
+                return proc, json.loads("".join(lines))["url"], log
+            except ValueError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > timeout:
+                pytest.fail(f"ddetr serve did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Registry and converted weights go to a per-test folder, never the user's cache; the
@@ -48,3 +108,20 @@ def _isolated_home(tmp_path, monkeypatch):
     # under test, not whatever copy is installed (an editable install may point at another checkout).
     root = str(Path(__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the session (``labelstudio_server.py``); a missing install
+    fails the tests that need it (the README's install step makes it)."""
+    from labelstudio_server import StartError, executable, run_server
+
+    if not os.access(executable(), os.X_OK):
+        pytest.fail(f"no Label Studio at {executable()}: run README's install step (bash tests/install_tools.sh)")
+    gen = run_server(tmp_path_factory.mktemp("label_studio"))
+    try:
+        server = next(gen)
+    except StartError as e:
+        pytest.fail(str(e))
+    yield server
+    gen.close()

@@ -22,7 +22,7 @@ from ddetr_cli import __version__
 
 app = typer.Typer(
     name="ddetr",
-    help="Deformable DETR object detection: detect, video, finetune, eval.\n\n"
+    help="Deformable DETR object detection: detect, video, serve, finetune, eval.\n\n"
     "Examples:\n\n"
     "  ddetr detect photo.jpg --model demo\n\n"
     "  ddetr weights list\n\n"
@@ -790,6 +790,105 @@ def _eval_summary(res) -> None:
                   f"{s['images_per_second']:.2f} img/s overall", highlight=False)
     for kind, path in res.outputs.items():
         console.print(f"{kind:>11}: {path}", highlight=False)
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _model_version(model: Optional[str]) -> str:
+    """What predictions are tagged with: the model name as given, a weights file's stem."""
+    from ddetr_cli.weights.store import DEFAULT_MODEL
+
+    name = model or DEFAULT_MODEL
+    p = Path(name).expanduser()
+    return (p.stem if p.is_file() else p.name) if p.exists() else name
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
+                                                                       "Default: the COCO model.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one, printed at start).", min=0, max=65535)] = 9090,
+    conf: Annotated[float, typer.Option(help="Score threshold.", min=0.0, max=1.0)] = 0.3,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Predict only these classes: names or category ids "
+                                                                           "(repeat or comma-separate).")] = None,
+    max_det: Annotated[int, typer.Option("--max-det", help="Most detections per image.", min=1)] = 100,
+    masks: Annotated[bool, typer.Option("--masks", help="Polygons for the config's PolygonLabels (needs a model with a mask "
+                                                        "head, e.g. detr-resnet-50-panoptic).")] = False,
+    imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the model's).", min=32)]
+    = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass (a request's tasks are batched).", min=1)] = 4,
+    workers: Annotated[int, typer.Option(help="Image-reading threads.", min=1)] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    model_version: Annotated[Optional[str], typer.Option("--model-version", help="The predictions' model_version (default: the "
+                                                                                 "model's name).")] = None,
+    ls_url: Annotated[Optional[str], typer.Option("--ls-url", envvar="LABEL_STUDIO_URL", help="Label Studio's URL, to read "
+                                                  "its own image URLs (/data/upload/..., /data/local-files/..., cloud "
+                                                  "storage). Default: the hostname Label Studio sends when it connects.")]
+    = None,
+    ls_api_key: Annotated[Optional[str], typer.Option("--ls-api-key", envvar="LABEL_STUDIO_API_KEY", show_default=False,
+                                                      help="Label Studio API key (legacy token or personal access token) for "
+                                                      "those URLs.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {url, model_version, ...} as JSON on stdout once listening.")]
+    = False,
+) -> None:
+    """Serve the model to Label Studio as an ML backend (pre-labels as tasks are opened or on request).
+
+    Speaks Label Studio's ML backend protocol: GET /health, POST /setup, POST /predict (tasks in,
+    rectanglelabels in percent out, polygonlabels with --masks, a score per region and per task),
+    POST /webhook. Labels go to the config's Labels of the same name; classes the config lacks
+    are dropped (logged once). In Label Studio: project Settings -> Model -> Connect Model, URL
+    http://HOST:PORT. Ctrl-C (or SIGTERM) stops after the requests in flight.
+
+    Examples:
+
+      ddetr serve --model demo
+
+      LABEL_STUDIO_URL=http://localhost:8080 LABEL_STUDIO_API_KEY=KEY ddetr serve --model demo --port 9090
+
+      ddetr serve --model detr-resnet-50-panoptic --masks --conf 0.5 --device cuda
+    """
+    try:
+        import uvicorn  # noqa: F401
+
+        from ddetr_cli.engine.ml_backend import LabelStudioBackend
+        from ddetr_cli.engine.serve import bind, run_server
+    except ImportError as e:
+        raise UserError(f"ddetr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'ddetr-cli[serve]'") from None
+
+    try:  # the port first: a busy one is known before the model loads
+        sock = bind(host, port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        det, class_ids = _load_detector(model, device, half, imgsz, classes)
+        if masks:
+            _require_masks(det, model)
+    except BaseException:
+        sock.close()
+        raise
+    version = model_version or _model_version(model)
+    backend = LabelStudioBackend(det, version, conf=conf, classes=class_ids, max_det=max_det, masks=masks, batch=batch,
+                                 workers=workers, label_studio_url=ls_url, api_key=ls_api_key,
+                                 log=lambda msg: console.print(f"[yellow]ddetr serve[/]: {msg}", highlight=False, soft_wrap=True))
+
+    def started(url: str) -> None:
+        console.print(f"ddetr serve: Label Studio ML backend at {url} (model {version}, {det.device}); Ctrl-C stops",
+                      highlight=False, soft_wrap=True)
+        if as_json:
+            _print_json({"url": url, "model_version": version, "device": str(det.device),
+                         "classes": det.labels.names, "masks": masks})
+
+    import signal
+
+    stopped_by = run_server(backend, sock, access_log=not quiet, on_start=started)
+    console.print("ddetr serve: stopped", highlight=False)
+    if stopped_by == signal.SIGINT:
+        raise typer.Exit(130)  # Ctrl-C, as every command; SIGTERM (a service manager) is a normal stop
 
 
 # -- finetune -----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ into (H, W, 3) uint8 RGB, with one error type for files that are not images."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
@@ -25,31 +27,41 @@ def read_image(source: ImageLike) -> np.ndarray:
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
-        try:
-            with Image.open(path) as im:
-                im.load()  # force a full decode so truncated files fail here, not later
-                im = ImageOps.exif_transpose(im)
-                return _pil_to_rgb(im)
-        except FileNotFoundError:
-            raise ImageReadError(f"{path}: no such file") from None
-        except Image.UnidentifiedImageError as e:
-            # a format PIL lacks (some TIFFs/HDR) may still open in OpenCV; truncated or corrupt
-            # files that PIL recognised are not retried, since OpenCV would return half an image
-            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # formats PIL lacks (some TIFFs)
-            if arr is None or arr.size == 0:
-                raise ImageReadError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-            if arr.ndim == 3 and arr.shape[2] == 4:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
-            elif arr.ndim == 3:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-            return _array_to_rgb(arr)
-        except Exception as e:  # PIL raises many types for truncated/corrupt data
-            raise ImageReadError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return _decode(path, str(path), lambda: cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     raise TypeError(f"unsupported image type {type(source).__name__}")
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded image bytes (a download, an upload) -> (H, W, 3) uint8 RGB, as :func:`read_image`
+    reads a file (EXIF orientation, the same conversions); ``name`` is for the error message."""
+    return _decode(io.BytesIO(data), name, lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED))
+
+
+def _decode(fp: Path | io.BytesIO, name: str, cv2_read: Callable[[], np.ndarray | None]) -> np.ndarray:
+    try:
+        with Image.open(fp) as im:
+            im.load()  # force a full decode so truncated files fail here, not later
+            im = ImageOps.exif_transpose(im)
+            return _pil_to_rgb(im)
+    except FileNotFoundError:
+        raise ImageReadError(f"{name}: no such file") from None
+    except Image.UnidentifiedImageError as e:
+        # a format PIL lacks (some TIFFs/HDR) may still open in OpenCV; truncated or corrupt
+        # files that PIL recognised are not retried, since OpenCV would return half an image
+        arr = cv2_read()
+        if arr is None or arr.size == 0:
+            raise ImageReadError(f"{name}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+        elif arr.ndim == 3:
+            arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+        return _array_to_rgb(arr)
+    except Exception as e:  # PIL raises many types for truncated/corrupt data
+        raise ImageReadError(f"{name}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:

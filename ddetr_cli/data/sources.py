@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import io
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddetr_cli.data.images import ImageReadError, read_image
+from ddetr_cli.data.images import ImageReadError, decode_image, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jfif", ".pgm", ".ppm"}
 
@@ -62,21 +61,25 @@ def expand_sources(sources: Sequence[str], recursive: bool = False) -> Iterator[
             raise SourceError(f"{src}: no such file, folder, pattern or URL")
 
 
-def fetch_url(url: str, timeout: float = 20.0) -> np.ndarray:
-    """Download an image over http(s) -> (H, W, 3) uint8 RGB; errors become ImageReadError."""
+def fetch_url(url: str, timeout: float = 20.0, headers: dict[str, str] | None = None) -> np.ndarray:
+    """Download an image over http(s) -> (H, W, 3) uint8 RGB; errors (unreachable, an HTTP error
+    status, not an image) become ImageReadError. ``headers`` (e.g. ``Authorization``) go to
+    ``url`` only: a redirect (to a presigned storage URL, say) is followed without them."""
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "ddetr"})
+        for k, v in (headers or {}).items():
+            req.add_unredirected_header(k, v)
         with urllib.request.urlopen(req, timeout=timeout) as r:
             data = r.read()
+    except urllib.error.HTTPError as e:
+        raise ImageReadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise ImageReadError(f"{url}: unreachable ({reason})") from None
-    from PIL import Image
-
     try:
-        return read_image(Image.open(io.BytesIO(data)))
-    except Exception as e:
-        raise ImageReadError(f"{url}: not a readable image ({e})") from None
+        return decode_image(data, url)
+    except ImageReadError as e:
+        raise ImageReadError(f"{url}: not a readable image ({str(e).removeprefix(url + ': ')})") from None
 
 
 def load_source(src: str) -> np.ndarray:

@@ -21,7 +21,7 @@ def _leaves(cmd, path: str = "ddetr"):
 def test_every_command_has_json():
     leaves = dict(_leaves(typer.main.get_command(app)))
     assert {"ddetr detect", "ddetr video", "ddetr eval", "ddetr finetune", "ddetr info", "ddetr weights list",
-            "ddetr weights pull", "ddetr weights import", "ddetr weights rm", "ddetr weights info"} <= set(leaves)
+            "ddetr weights pull", "ddetr weights import", "ddetr weights rm", "ddetr weights info", "ddetr serve"} <= set(leaves)
     missing = [p for p, c in leaves.items() if "--json" not in {o for prm in c.params for o in prm.opts}]
     assert not missing, missing
 

@@ -201,7 +201,7 @@ def _modules_after(args: list[str]) -> tuple[int, bool]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["detect", "--help"], ["finetune", "--help"], ["video", "--help"],
-                                  ["detect"], ["detect", "x.jpg", "--bogus"], ["eval", "--help"]])
+                                  ["detect"], ["detect", "x.jpg", "--bogus"], ["eval", "--help"], ["serve", "--help"]])
 def test_help_and_usage_errors_do_not_load_torch(args):
     code, torch_loaded = _modules_after(args)
     assert code in (0, 2) and not torch_loaded

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddetr_cli.data.images import ImageReadError, read_image
+from ddetr_cli.data.images import ImageReadError, decode_image, read_image
 from ddetr_cli.data.transforms import resize_shape
 
 
@@ -26,6 +26,8 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out.shape == (40, 30, 3)  # width and height swapped
     # the red block ends up at the top-right after a clockwise rotation
     assert out[:15, -8:, 0].mean() > 200 and out[-15:, :8, 0].mean() < 50
+    # the same bytes downloaded (ddetr serve, URLs) decode the same way
+    assert (decode_image(p.read_bytes(), "http://x/rot.jpg") == out).all()
 
 
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".tiff", ".webp", ".jpg"])
@@ -71,6 +73,8 @@ def test_arrays_and_bad_files(tmp_path):
         read_image(tmp_path / "t.jpg")
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="^http://x/t.jpg: cannot decode"):
+        decode_image(b"text", "http://x/t.jpg")
 
 
 def test_resize_rule_matches_reference_cases():

@@ -2,8 +2,7 @@
 Label Studio server (``ddetr detect --format labelstudio`` -> project with the written config ->
 import -> tasks read back with the SDK -> an image fetched through the local-files URL).
 
-The server is the ``label-studio`` of ``.venv-label-studio`` (its own venv, with
-``label-studio-sdk``, made by ``tests/install_tools.sh``), or the one ``DDETR_LABEL_STUDIO`` names.
+The server is the session's ``label_studio`` fixture (conftest.py, ``labelstudio_server.py``).
 """
 
 from __future__ import annotations
@@ -11,19 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from labelstudio_server import Server, run_sdk
 from typer.testing import CliRunner
 
 from ddetr_cli.cli import app
@@ -33,8 +28,6 @@ from ddetr_cli.formats.labelstudio import ImageURLError, LabelStudioWriter, imag
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "images"
-CLIENT = Path(__file__).resolve().parents[1] / "labelstudio_client.py"
-STARTUP_TIMEOUT = float(os.environ.get("DDETR_LABEL_STUDIO_TIMEOUT", "240"))
 runner = CliRunner()
 
 
@@ -138,93 +131,9 @@ def test_detect_image_outside_root_one_line(tmp_path, tiny_model_path):
 # -- a real Label Studio server -------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    token: str
-    root: Path  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
-    python: str  # the server venv's python (with label-studio-sdk)
-    log: Path
-    startup_s: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tool_env() -> dict[str, str]:
-    """Our environment minus what would make the tool's venv import our packages."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
-    exe = os.environ.get("DDETR_LABEL_STUDIO") or str(ROOT / ".venv-label-studio" / "bin" / "label-studio")
-    if not os.access(exe, os.X_OK):
-        pytest.fail(f"no Label Studio at {exe}: run README's install step (bash tests/install_tools.sh)")
-    python = str(Path(exe).parent / "python")
-    base = tmp_path_factory.mktemp("label_studio")
-    root, data = base / "root", base / "data"
-    root.mkdir()
-    data.mkdir()
-    port, token = _free_port(), "ddetr-test-token-0123456789"
-    env = {
-        **_tool_env(),
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root),
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "DJANGO_DB": "sqlite",
-    }
-    log = base / "server.log"
-    cmd = [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-           "--username", "ddetr@example.com", "--password", "ddetr-test-pass", "--user-token", token]
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, env=env, cwd=base, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def tail() -> str:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-
-    def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(15)
-
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"label-studio exited with {proc.returncode} while starting; log tail:\n{tail()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200 and json.loads(r.read()).get("status") == "UP":
-                        break
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            if time.monotonic() - t0 > STARTUP_TIMEOUT:
-                pytest.fail(f"label-studio did not answer /health within {STARTUP_TIMEOUT:.0f} s; log tail:\n{tail()}")
-            time.sleep(1.0)
-        startup = time.monotonic() - t0
-        print(f"\nlabel-studio answered /health after {startup:.1f} s")
-        yield Server(url, token, root, python, log, startup)
-    finally:
-        stop()
-
-
 def _sdk(server: Server, tmp_path: Path, config: str, tasks: Path, storage: Path | None) -> dict:
-    req = tmp_path / "sdk_request.json"
-    req.write_text(json.dumps({"url": server.url, "token": server.token, "title": "ddetr pre-labels",
-                               "config": config, "tasks": str(tasks), "storage": str(storage) if storage else None}))
-    p = subprocess.run([server.python, str(CLIENT), str(req)], capture_output=True, text=True, env=_tool_env(), timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    return run_sdk(server, {"title": "ddetr pre-labels", "config": config, "tasks": str(tasks),
+                            "storage": str(storage) if storage else None}, tmp_path)
 
 
 def _get(server: Server, path: str) -> bytes:
