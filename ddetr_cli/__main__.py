@@ -1,3 +1,16 @@
-from ddetr_cli.cli.main import main
+"""``python -m ddetr_cli`` and the ``ddetr`` command. Ctrl-C while the CLI's own modules load
+(typer, rich: a few hundred ms on a busy machine) exits 130 quietly, as it does later."""
 
-main()
+import sys
+
+
+def run() -> None:
+    try:
+        from ddetr_cli.cli.main import main
+    except KeyboardInterrupt:
+        sys.exit(130)
+    main()
+
+
+if __name__ == "__main__":
+    run()
