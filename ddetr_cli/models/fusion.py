@@ -193,8 +193,7 @@ def to_reduced_precision(model: nn.Module, dtype: torch.dtype, float32_heads: li
             keep.update(id(t) for t in head.parameters())
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
-            for key, t in tensors.items():
+            for t in tensors.values():
                 if t is not None and t.is_floating_point() and id(t) not in keep and t.dtype != dtype:
                     t.data = t.data.to(dtype)
-    model.reduced_dtype = dtype
     return model
