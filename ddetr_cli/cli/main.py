@@ -156,6 +156,16 @@ def _parse_formats(formats: list[str]) -> list[str]:
 
 HALF_HELP = "Half precision: fp16/bf16 autocast on GPU; bfloat16 on CPUs with AMX or AVX512-BF16 (see ddetr info)."
 
+THREADS_HELP = "CPU threads for the model (default: one per physical core; fewer leaves cores to other work)."
+
+
+def _use_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op threads on CPU (None keeps torch's default, every physical core)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
 
 def _load_detector(model, device: str, half: bool, imgsz, classes=None):
     """Detector plus the label ids ``--classes`` names (None = all); bad values -> UserError."""
@@ -204,9 +214,13 @@ def detect(
     max_det: Annotated[int, typer.Option("--max-det", help="Most detections per image.", min=1)] = 100,
     imgsz: Annotated[Optional[int], typer.Option(help="Short side the images are resized to (default: the size the model was trained at; "
                                                       "800 for the COCO models).", min=32)] = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
+    batch: Annotated[Optional[int], typer.Option(help="Images per forward pass, padded to the largest. Default: consecutive images "
+                                                      "the model sees at one size go together, unpadded (so each gets its own "
+                                                      "detections), up to a pixel budget: on CPU 8 at 256x341, one at 800x1066; "
+                                                      "on CUDA up to 8.", min=1, show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/detect/expN, never overwritten).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
@@ -265,6 +279,7 @@ def detect(
     from ddetr_cli.formats.labelstudio import ImageURLError, image_url
 
     fmts = _parse_formats(formats)
+    _use_threads(threads)
     if ls_root is not None and not ls_root.is_dir():
         raise UserError(f"--ls-root {ls_root}: no such folder")
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
@@ -396,6 +411,7 @@ def video(
             "--reconnect-timeout", help="Give up after this many seconds without a frame.", min=0.0)] = 120.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/video/expN, never overwritten).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Replace the earlier ddetr run in --out (default: a non-empty --out is "
                                                               "refused).")] = False,
@@ -426,6 +442,7 @@ def video(
     from ddetr_cli.engine.video import VideoPipeline, VideoStats, parse_source
 
     quiet = quiet or as_json
+    _use_threads(threads)
     if not (show or save or save_json):
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
@@ -510,6 +527,7 @@ def eval_cmd(
     batch: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help=HALF_HELP)] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, show_default=False)] = None,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Score only the first N images (quick checks).", min=1)] = None,
     classes: Annotated[Optional[list[str]], typer.Option("--classes", help="--track: track only these classes (names or category ids; "
                                                                            "repeat or comma-separate).")] = None,
@@ -557,6 +575,7 @@ def eval_cmd(
 
       ddetr eval ./panoptic-data --panoptic --model detr-resnet-50-panoptic
     """
+    _use_threads(threads)
     if track:
         return _eval_track(dataset, gt, model=model, conf=conf, classes=classes, max_det=max_det, imgsz=imgsz, batch=batch,
                            device=device, half=half, out_dir=out_dir, exist_ok=exist_ok, quiet=quiet, as_json=as_json,
@@ -823,6 +842,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="Image-reading threads.", min=1)] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     half: Annotated[bool, typer.Option(help="Half precision (GPU).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, show_default=False)] = None,
     model_version: Annotated[Optional[str], typer.Option("--model-version", help="The predictions' model_version (default: the "
                                                                                  "model's name).")] = None,
     ls_url: Annotated[Optional[str], typer.Option("--ls-url", envvar="LABEL_STUDIO_URL", help="Label Studio's URL, to read "
@@ -860,6 +880,7 @@ def serve(
     except ImportError as e:
         raise UserError(f"ddetr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'ddetr-cli[serve]'") from None
 
+    _use_threads(threads)
     try:  # the port first: a busy one is known before the model loads
         sock = bind(host, port)
     except OSError as e:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from ddetr_cli.data.images import ImageReadError
 from ddetr_cli.data.sources import expand_sources, is_url, load_source
 from ddetr_cli.engine.draw import Annotator, write_image
 from ddetr_cli.engine.panoptic import PANOPTIC_THRESHOLD
-from ddetr_cli.engine.predictor import Detector
+from ddetr_cli.engine.predictor import AUTO_BATCH_MAX, Detector
 from ddetr_cli.files import atomic_path, atomic_write_text
 from ddetr_cli.formats.annotations import Instances, names_txt
 from ddetr_cli.formats.coco import CocoWriter
@@ -55,6 +56,8 @@ class DetectResult:
     seconds: float = 0.0
     incomplete: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    batches: int = 0  # forward passes
+    threads: int = 0  # torch's intra-op threads during the run
 
     @property
     def throughput(self) -> float:
@@ -69,6 +72,8 @@ class DetectResult:
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.throughput, 3),
+            "batches": self.batches,
+            "threads": self.threads,
             "incomplete": self.incomplete,
             "outputs": self.outputs,
         }
@@ -148,7 +153,7 @@ def run_detect(
     conf: float = 0.3,
     max_det: int = 100,
     classes: Sequence[int] | None = None,
-    batch: int = 1,
+    batch: int | None = None,
     formats: Sequence[str] = ("coco",),
     save_images: bool = True,
     masks: bool = False,
@@ -163,6 +168,10 @@ def run_detect(
     ls_url: Callable[[str], str] | None = None,
 ) -> DetectResult:
     """Detect on every image the sources name; write outputs into ``out_dir``.
+
+    ``batch``: images per forward pass, padded to the largest; None (the default) batches
+    consecutive images that the model sees at one shape, as many as ``Detector.auto_batch`` says,
+    so that no image is padded and each gets the detections it would get alone.
 
     KeyboardInterrupt stops the run after writing a valid ``predictions.json`` marked
     ``"incomplete": true``; the interrupt is then re-raised for the caller.
@@ -210,7 +219,7 @@ def run_detect(
     coco = CocoWriter(labels)
     pan = PanopticWriter(labels, out_dir / "panoptic") if panoptic else None
     annot = Annotator(labels) if save_images else None
-    res = DetectResult(out_dir)
+    res = DetectResult(out_dir, threads=torch.get_num_threads())
     pred_path = out_dir / "predictions.json"
     res.outputs["coco"] = str(pred_path)
     pan_path = out_dir / PANOPTIC_JSON
@@ -272,6 +281,7 @@ def run_detect(
     def flush_batch(pending: list[tuple[str, str, np.ndarray]]) -> None:
         nonlocal last_ckpt
         arrays = [img for _, _, img in pending]
+        res.batches += 1
         if pan is not None:
             dets_list, pan_list = detector.predict_panoptic(arrays, conf, max_det, classes, panoptic_conf)
         else:
@@ -319,7 +329,8 @@ def run_detect(
     window: deque[tuple[str, str, Future]] = deque()
     it = iter(items)
     pending: list[tuple[str, str, np.ndarray]] = []
-    lookahead = max(2 * batch, workers * 2)
+    pending_shape: tuple[int, int] | None = None
+    lookahead = max(2 * (batch or AUTO_BATCH_MAX), workers * 2)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ddetr-decode")
     try:
         while True:
@@ -332,12 +343,20 @@ def run_detect(
                 break
             src, name, fut = window.popleft()
             try:
-                pending.append((src, name, fut.result()))
+                img = fut.result()
             except (ImageReadError, OSError, ValueError) as e:
                 res.skipped.append({"file": src, "reason": str(e)})
                 if progress:
                     progress(res.images + len(res.skipped), len(items))
-            if len(pending) >= batch:
+                continue
+            size = batch
+            if batch is None:  # consecutive images of one input shape, unpadded
+                shape = detector.input_shape(*img.shape[:2])
+                if pending and shape != pending_shape:
+                    flush_batch(pending)
+                pending_shape, size = shape, detector.auto_batch(shape)
+            pending.append((src, name, img))
+            if len(pending) >= size:
                 flush_batch(pending)
         if pending:
             flush_batch(pending)

@@ -50,7 +50,6 @@ import numpy as np
 
 from ddetr_cli.data.images import ImageReadError, read_image
 from ddetr_cli.data.sources import fetch_url
-from ddetr_cli.data.transforms import resize_shape
 from ddetr_cli.engine.predictor import Detector
 from ddetr_cli.formats.annotations import Instances
 from ddetr_cli.formats.labels import LabelTable
@@ -265,8 +264,7 @@ class LabelStudioBackend:
         Call from one thread at a time (``model_pool``)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            shape = resize_shape(im.shape[0], im.shape[1], self.detector.imgsz, self.detector.max_size)
-            groups.setdefault(shape, []).append(i)
+            groups.setdefault(self.detector.input_shape(*im.shape[:2]), []).append(i)
         out: list[Instances | None] = [None] * len(images)
         for group in groups.values():
             for start in range(0, len(group), self.batch):

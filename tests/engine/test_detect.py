@@ -192,3 +192,71 @@ def test_ctrl_c_leaves_valid_incomplete_json(tmp_path, tiny_model_path):
     assert pred["info"]["incomplete"] is True
     assert 5 <= len(pred["images"]) < 400
     assert pred["info"]["images_processed"] == len(pred["images"])
+
+
+def test_default_batches_same_shape_images_unpadded(tmp_path, monkeypatch):
+    """Default batching: consecutive images the model sees at one shape go through together,
+    never padded, so every image gets the detections of a batch-1 run; a different shape starts
+    a new batch. The demo model on real shape pictures (examples/images) rescaled to sizes."""
+    from ddetr_cli.engine.detect import run_detect
+    from ddetr_cli.engine.predictor import Detector
+
+    src = cv2.imread(str(Path(__file__).resolve().parents[2] / "examples" / "images" / "shapes_1_640x480.jpg"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = [(640, 480)] * 4 + [(500, 480), (640, 480), (640, 480)]
+    for i, (w, h) in enumerate(sizes):
+        img = np.roll(cv2.resize(src, (w, h)), 37 * i, axis=1)  # different content per image
+        cv2.imwrite(str(folder / f"im{i}.png"), img)
+    det = Detector.from_pretrained("demo", device="cpu")
+    assert det.auto_batch(det.input_shape(480, 640)) >= 4 and det.auto_batch((800, 1066)) == 1
+    calls: list[int] = []
+    forward = det.predict_arrays
+
+    def spy(arrays, *a, **kw):
+        calls.append(len(arrays))
+        return forward(arrays, *a, **kw)
+
+    monkeypatch.setattr(det, "predict_arrays", spy)
+    run_detect(det, [str(folder)], tmp_path / "auto", save_images=False)
+    assert calls == [4, 1, 2]
+    calls.clear()
+    run_detect(det, [str(folder)], tmp_path / "one", batch=1, save_images=False)
+    assert calls == [1] * 7
+
+    def anns(run):
+        d = json.loads((tmp_path / run / "predictions.json").read_text())
+        files = {im["id"]: im["file_name"] for im in d["images"]}
+        return sorted((files[a["image_id"]], a["category_id"], a["score"], *a["bbox"]) for a in d["annotations"])
+
+    def same(x, y) -> bool:  # scores to 1e-4; boxes to COCO's 0.01 px rounding step
+        return len(x) == len(y) and all(a[:2] == b[:2] and abs(a[2] - b[2]) <= 1e-4
+                                        and np.allclose(a[3:], b[3:], atol=0.0101) for a, b in zip(x, y))
+
+    auto, one = anns("auto"), anns("one")
+    assert len(one) > 7 and same(auto, one)
+    # the check sees padding: one padded batch of all seven changes the odd-sized image's boxes
+    run_detect(det, [str(folder)], tmp_path / "padded", batch=7, save_images=False)
+    padded = anns("padded")
+    assert not same([a for a in padded if a[0] == "im4.png"], [a for a in one if a[0] == "im4.png"])
+
+
+def test_threads_option_sets_and_reports_cpu_threads(tmp_path, tiny_model_path):
+    """``--threads 1`` runs the model on one CPU thread and says so in the JSON summary, as does
+    the default run with torch's own count (every physical core)."""
+    import torch
+
+    folder = _images_folder(tmp_path, n_good=2, bad=False)
+    before = torch.get_num_threads()
+    try:
+        for threads, expect in ((["--threads", "1"], 1), ([], before)):
+            torch.set_num_threads(before)
+            r = _run(["detect", str(folder), "--model", str(tiny_model_path), "--out", str(tmp_path / f"run{expect}"),
+                      "--exist-ok", "--imgsz", "256", "--json", "--no-save-images", *threads])
+            assert r.exit_code == 0, r.output
+            summary = json.loads(r.stdout[r.stdout.index("{"):])
+            assert summary["threads"] == expect and summary["images"] == 2 and summary["batches"] >= 1
+        r = _run(["detect", str(folder), "--model", str(tiny_model_path), "--threads", "0"])
+        assert r.exit_code == 2 and "--threads" in r.output
+    finally:
+        torch.set_num_threads(before)
