@@ -556,7 +556,7 @@ class VideoPipeline:
         conf: float = 0.3,
         max_det: int = 100,
         classes: Sequence[int] | None = None,
-        batch: int = 1,
+        batch: int | None = None,
         stride: int = 1,
         latest: bool | None = None,
         track: bool = False,
@@ -587,7 +587,7 @@ class VideoPipeline:
         self.masks, self.panoptic, self.panoptic_conf = masks, panoptic, panoptic_conf
         self.detector, self.out_dir = detector, Path(out_dir) if out_dir is not None else None
         self.conf, self.max_det, self.classes = conf, max_det, classes
-        self.batch, self.stride = max(1, batch), max(1, stride)
+        self.batch, self.stride = (None if batch is None else max(1, batch)), max(1, stride)
         # latest-frame mode only makes sense for live sources: files must not lose frames
         self.latest = self.spec.live if latest is None else (latest and self.spec.live)
         if self.latest:
@@ -666,6 +666,9 @@ class VideoPipeline:
             what = {"file": "cannot decode video file", "webcam": "cannot open webcam", "stream": "cannot open stream"}[spec.kind]
             raise SourceError(f"{spec.target}: {what}")
         info = probe(cap, spec)
+        if self.batch is None:  # files: as many frames per pass as the detector batches by default
+            auto = getattr(self.detector, "auto_batch", None)  # a test stub may batch nothing
+            self.batch = auto(self.detector.input_shape(info.height, info.width)) if auto and info.height else 1
         res = VideoResult(source=str(spec.target), out_dir=self.out_dir or Path("."), width=info.width, height=info.height,
                           source_fps=info.fps, messages=self.messages)
         out_fps = info.fps / self.stride
