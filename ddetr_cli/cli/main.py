@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import inspect
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -125,6 +126,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "msda_cuda_kernels": b.get("cuda_kernels"),
         "cpu": cpu_info().summary,
         "cpu_threads": torch.get_num_threads(),
+        # PASSIVE unless the user chose: idle OpenMP threads sleep (see ddetr_cli/__main__.py)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default: spin, then sleep)"),
         "cpu_fused_kernels": fused_cpu_kernels(),
         # --half on CPU: bfloat16 where the CPU multiplies it natively, refused elsewhere
         "cpu_bf16": bf16_ok,
