@@ -170,7 +170,8 @@ def test_run_folders_never_overwrite(tmp_path, tiny_model_path):
     assert sorted(d.name for d in (tmp_path / "runs" / "detect").iterdir()) == ["exp", "exp2"]
 
 
-def test_ctrl_c_leaves_valid_incomplete_json(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_valid_incomplete_json(sig, tmp_path, tiny_model_path):
     folder = tmp_path / "many"
     folder.mkdir()
     img = (np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8)
@@ -185,9 +186,9 @@ def test_ctrl_c_leaves_valid_incomplete_json(tmp_path, tiny_model_path):
         if ann.is_dir() and len(list(ann.iterdir())) >= 5:
             break
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == 128 + sig, err
     pred = json.loads((out / "predictions.json").read_text())
     assert pred["info"]["incomplete"] is True
     assert 5 <= len(pred["images"]) < 400

@@ -228,10 +228,12 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, uninterrupted: dict) -> N
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(tmp_path: Path, uninterrupted: dict) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(sig: int, tmp_path: Path, uninterrupted: dict) -> None:
     """Ctrl-C (SIGINT to the process group, data workers included) early in epoch 1, long before
     any periodic or epoch-end checkpoint: the run stops at the next step boundary, writes last.pt
-    there and says so; --resume then ends with the uninterrupted run's weights."""
+    there and says so; --resume then ends with the uninterrupted run's weights. SIGTERM (what a
+    scheduler sends a job before it kills it) does the same, exit code 143."""
     run = tmp_path / "exp"
     proc = subprocess.Popen([sys.executable, "-m", "ddetr_cli", "finetune",
                              *_cli_args(EXAMPLES / "coco", tmp_path, *EXACT, "--save-period", "0", "--workers", "1")],
@@ -241,9 +243,9 @@ def test_ctrl_c_in_first_epoch_saves_and_resume_is_exact(tmp_path: Path, uninter
         time.sleep(0.01)
     time.sleep(0.5)  # args.json is written just before the first step
     assert proc.poll() is None, "training ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     state = _state(run / "last.pt")
     k = state["global_step"]
     assert 1 <= k < 4 and state["epoch"] == 0 and state["step_in_epoch"] == k and not state["finished"]

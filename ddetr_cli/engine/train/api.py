@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def finetune_command(data: str | None = None, *, resume: str | None = None, quie
     given" (the default, or on resume the run's own value). ``resume``: None = fresh run; "latest"
     = newest run under ``out``; else a run folder/last.pt. ``as_json``: the result as one JSON
     object on stdout (rank 0). Returns the exit code: 0 done (or already finished), 2 bad input
-    or a diverged run, 130 interrupted.
+    or a diverged run, 130 interrupted (143: by SIGTERM).
     """
     from rich.console import Console
 
@@ -157,7 +158,7 @@ def finetune_command(data: str | None = None, *, resume: str | None = None, quie
         return 2
     except KeyboardInterrupt as e:
         err.print(f"[yellow]{interrupted_message(e)}[/]")
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     if as_json and dist_from_env().main:
         print(json.dumps(res.to_dict()))
     return 0

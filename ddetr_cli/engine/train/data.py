@@ -93,10 +93,12 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int, info: DistInfo) -> 
     return [[(i, epoch) for i in mine[j : j + batch]] for j in range(0, len(mine), batch)]
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """Worker start-up: Ctrl-C (sent to the whole terminal process group) is the main process's
-    to handle; a worker that died of it would fail the batch the trainer finishes before saving."""
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker start-up: Ctrl-C (sent to the whole terminal process group) and SIGTERM (sent to the
+    job's processes) are the main process's to handle; a worker that died of one would fail the
+    batch the trainer finishes before saving. Workers still end with the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(ds: TrainSet, batches: list[list[tuple[int, int]]], workers: int, pin: bool) -> DataLoader:
@@ -105,4 +107,4 @@ def make_loader(ds: TrainSet, batches: list[list[tuple[int, int]]], workers: int
     # stream (dropout) has to be identical whether an epoch starts fresh or mid-way on resume.
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=ignore_sigint if workers else None)
+                      worker_init_fn=ignore_stop_signals if workers else None)

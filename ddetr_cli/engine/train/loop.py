@@ -51,39 +51,46 @@ class FinetuneResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training. ``checkpoint``: the last.pt that ``--resume`` continues from (None
-    when there is none), at global step ``step``; ``exact``: written at the step the run reached
-    (otherwise it is the latest periodic or epoch-end one)."""
+    """Ctrl-C (or SIGTERM) during training. ``checkpoint``: the last.pt that ``--resume`` continues
+    from (None when there is none), at global step ``step``; ``exact``: written at the step the run
+    reached (otherwise it is the latest periodic or epoch-end one); ``signum``: the signal."""
 
-    def __init__(self, run_dir: Path, checkpoint: Path | None, step: int | None, exact: bool) -> None:
+    def __init__(self, run_dir: Path, checkpoint: Path | None, step: int | None, exact: bool,
+                 signum: int = signal.SIGINT) -> None:
         super().__init__(str(checkpoint))
-        self.run_dir, self.checkpoint, self.step, self.exact = run_dir, checkpoint, step, exact
+        self.run_dir, self.checkpoint, self.step, self.exact, self.signum = run_dir, checkpoint, step, exact, signum
 
 
 class StopRequest:
-    """While entered (main thread, over Python's default SIGINT handler only): the first SIGINT
-    sets ``requested`` (the loop stops at the next step boundary, or after the epoch end under
-    way, and saves); a second raises KeyboardInterrupt at once."""
+    """While entered (main thread): the first SIGINT or SIGTERM sets ``requested`` (the loop stops
+    at the next step boundary, or after the epoch end under way, and saves); a second raises
+    KeyboardInterrupt at once. SIGTERM is what schedulers and service managers send before they
+    kill (a preempted job keeps its step). Only signals left at Python's defaults are taken over."""
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self, notice: bool) -> None:
         self.requested = False
+        self.signum = signal.SIGINT
         self.notice = notice
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in self.DEFAULTS.items():
+                if signal.getsignal(sig) is default:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         if self.notice:  # os.write: safe whatever the interrupted code was printing
             os.write(2, b"\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)\n")
 
@@ -386,15 +393,16 @@ class Trainer:
 
     def interrupted(self, exact: bool) -> TrainingInterrupted:
         ckpt = self.run_dir / "last.pt" if self.run_dir is not None else None
+        sig = self.stop.signum
         if ckpt is None or not ckpt.is_file():
-            return TrainingInterrupted(self.run_dir, None, None, False)
+            return TrainingInterrupted(self.run_dir, None, None, False, sig)
         if exact:
-            return TrainingInterrupted(self.run_dir, ckpt, self.global_step, True)
+            return TrainingInterrupted(self.run_dir, ckpt, self.global_step, True, sig)
         try:
             step = int(json.loads((self.run_dir / "progress.json").read_text())["global_step"])
         except (OSError, ValueError, KeyError):
             step = None
-        return TrainingInterrupted(self.run_dir, ckpt, step, False)
+        return TrainingInterrupted(self.run_dir, ckpt, step, False, sig)
 
     def _progress(self) -> Any:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
