@@ -71,6 +71,9 @@ def track(dets: list[sv.Detections], frames: list[np.ndarray], fps: float, setti
         spent += time.perf_counter() - t0
         ok = kept.tracker_id >= 0
         out[i] = (kept.tracker_id[ok], kept.xyxy[ok].astype(np.float64))
+        for f in tracker.fills:  # interpolated boxes of earlier frames, as the JSON lines get them
+            ids, boxes = out[f.step]
+            out[f.step] = (np.append(ids, f.track_id), np.vstack([boxes, f.xyxy[None]]))
     return TrackFrames(out, processed=set(range(len(frames)))), 1000 * spent / max(len(frames), 1)
 
 
