@@ -344,7 +344,7 @@ TRACK_HIGH_HELP = ("Tracking: detections scoring at least this start tracks and 
                    "track_high, else 0.5; measured).")
 TRACK_LOW_HELP = ("Tracking: detections from this score up only continue tracks; lower ones are ignored (default: the model "
                   "card's track_low, else 0.1; measured).")
-TRACK_FILL_DEFAULT = 1.0  # engine.track.TrackSettings.fill_s (measured: bench_track.py --fills)
+TRACK_FILL_DEFAULT = 2.0  # engine.track.TrackSettings.fill_s (measured: bench_track.py --fills)
 TRACK_FILL_HELP = ("Tracking: a track found again after a miss of at most this many seconds gets interpolated boxes for the "
                    "missed frames in the JSON lines (marked \"interpolated\": true, no score; lines then wait up to this long "
                    "before they are written); 0 turns it off.")

@@ -78,7 +78,7 @@ class TrackSettings:
     relink_s: float = 2.0
     gate: float = 2.0
     min_frames: int = 1
-    fill_s: float = 1.0
+    fill_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.tracker not in TRACKERS:
@@ -261,62 +261,112 @@ class Relinker:
 class Fill:
     """A box for a frame in which track ``track_id`` was missed, interpolated afterwards: ``step``
     is the ``Tracker.update`` call (0-based) it belongs to, ``xyxy`` (4,) px, ``class_id`` the
-    track's class when it was last seen."""
+    track's class when it was last seen. ``replaces``: the track had a weak box there (scored
+    below ``high``) that does not fit its motion; the fill takes the id from it."""
 
     step: int
     track_id: int
     xyxy: np.ndarray
     class_id: int
+    replaces: bool = False
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (4,) xyxy boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = max(a[2] - a[0], 0) * max(a[3] - a[1], 0) + max(b[2] - b[0], 0) * max(b[3] - b[1], 0) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 class GapFiller:
     """Linear interpolation of short gaps in published tracks (what ByteTrack and OC-SORT do
     offline), done online with a bounded look-back.
 
-    Each id keeps its last observation (step, time, box, class). When it is seen again after
-    missing some steps, within ``max_gap_s`` seconds, every missed step gets the box interpolated
-    by time between the two observations (dropped frames and strides keep their true spacing).
-    ``hold_from`` tells a writer which steps may still receive fills: those after the last
-    observation of an id that is missing now and could still come back in time, so at most
+    Each id keeps its last observation and its last *confident* one (score >= ``high``), each
+    as (step, time, box, class). When an id is seen confidently again within ``max_gap_s`` seconds
+    of its last confident box, the steps in between are interpolated by time between the two
+    (dropped frames and strides keep their true spacing): a step without a box of the id gets
+    the interpolated box; a step where only a weak box (score < ``high``, ByteTrack's second stage)
+    continued the track gets it too when that box does not fit (IoU < ``fit_iou`` with the
+    interpolation: a partial view of an occluded object, or a neighbour's box), and the weak box
+    loses the id. An id that has no confident box within ``max_gap_s`` is interpolated between
+    its plain observations (gaps only).
+    ``hold_from`` tells a writer which steps may still change: those after the anchor of an id
+    whose latest boxes are missing or weak and that can still be resolved in time, so at most
     ``max_gap_s`` worth of frames ever wait.
     """
 
-    def __init__(self, max_gap_s: float) -> None:
-        self.max_gap_s = max_gap_s
+    def __init__(self, max_gap_s: float, high: float = 0.5, fit_iou: float = 0.5) -> None:
+        self.max_gap_s, self.high, self.fit_iou = max_gap_s, high, fit_iou
         self._last: dict[int, tuple[int, float, np.ndarray, int]] = {}  # id -> (step, t, xyxy, class)
+        self._anchor: dict[int, tuple[int, float, np.ndarray, int]] = {}  # id -> last confident observation
+        self._weak: dict[int, dict[int, np.ndarray]] = {}  # id -> {step: weak box} since its anchor
         self._times: deque[tuple[int, float]] = deque()  # (step, t) of the recent steps
         self._step = -1
 
-    def update(self, step: int, t: float, ids: np.ndarray, xyxy: np.ndarray, cls: np.ndarray) -> list[Fill]:
+    def _fresh(self, obs: tuple[int, float, np.ndarray, int] | None, t: float) -> bool:
+        return obs is not None and t - obs[1] <= self.max_gap_s + 1e-9
+
+    def _fills(self, i: int, a: tuple[int, float, np.ndarray, int], step: int, t: float, b: np.ndarray) -> list[Fill]:
+        s0, t0, b0, c0 = a
+        weak = self._weak.get(i, {})
+        out = []
+        for s, ts in self._times:
+            if s0 < s < step:
+                f = (ts - t0) / (t - t0) if t > t0 else (s - s0) / (step - s0)
+                box = (1 - f) * b0 + f * b
+                w = weak.get(s)
+                if w is None:
+                    out.append(Fill(s, i, box, c0))
+                elif box_iou(w, box) < self.fit_iou:
+                    out.append(Fill(s, i, box, c0, replaces=True))
+        return out
+
+    def update(self, step: int, t: float, ids: np.ndarray, xyxy: np.ndarray, cls: np.ndarray,
+               scores: np.ndarray | None = None) -> list[Fill]:
         """Step ``step`` at time ``t`` with (N,) published ids (-1: none), (N, 4) boxes, (N,)
-        classes -> the fills of the steps each re-found id missed."""
+        classes, (N,) scores -> the fills of earlier steps of the ids seen now."""
         self._step = step
         fills: list[Fill] = []
         if self.max_gap_s <= 0:
             return fills
-        for i, b, c in zip(ids, xyxy, cls):
+        self._times.append((step, t))
+        while self._times and t - self._times[0][1] > self.max_gap_s + 1e-9:
+            self._times.popleft()
+        for k, (i, b, c) in enumerate(zip(ids, xyxy, cls)):
             i = int(i)
             if i < 0:
                 continue
             b = np.asarray(b, np.float64)
-            last = self._last.get(i)
-            if last is not None and step - last[0] > 1 and t - last[1] <= self.max_gap_s + 1e-9:
-                s0, t0, b0, _ = last
-                for s, ts in self._times:
-                    if s0 < s < step:
-                        a = (ts - t0) / (t - t0) if t > t0 else (s - s0) / (step - s0)
-                        fills.append(Fill(s, i, (1 - a) * b0 + a * b, last[3]))
-            self._last[i] = (step, t, b, int(c))
-        self._times.append((step, t))
-        while self._times and t - self._times[0][1] > self.max_gap_s + 1e-9:
-            self._times.popleft()
-        for i in [i for i, v in self._last.items() if t - v[1] > self.max_gap_s + 1e-9]:
+            obs = (step, t, b, int(c))
+            confident = scores is None or float(scores[k]) >= self.high
+            anchor = self._anchor.get(i)
+            if confident:
+                a = anchor if self._fresh(anchor, t) else self._last.get(i)
+                if self._fresh(a, t) and step - a[0] > 1:
+                    fills += self._fills(i, a, step, t, b)
+                self._anchor[i] = obs
+                self._weak.pop(i, None)
+            elif self._fresh(anchor, t):
+                self._weak.setdefault(i, {})[step] = b  # decided when the next confident box comes
+            else:
+                last = self._last.get(i)
+                if self._fresh(last, t) and step - last[0] > 1:
+                    fills += self._fills(i, last, step, t, b)
+            self._last[i] = obs
+        for i in [i for i, v in self._last.items() if not self._fresh(v, t)]:
             del self._last[i]  # lost for too long: nothing of it can be filled any more
+        for i in [i for i, v in self._anchor.items() if not self._fresh(v, t)]:
+            del self._anchor[i]
+            self._weak.pop(i, None)
         return fills
 
     def hold_from(self) -> int:
         """The first step that a later ``update`` may still fill (the current step + 1 when none)."""
-        waiting = [s + 1 for s, _, _, _ in self._last.values() if s < self._step]
+        waiting = [a[0] + 1 for a in self._anchor.values() if a[0] < self._step]
+        waiting += [v[0] + 1 for i, v in self._last.items() if v[0] < self._step and i not in self._anchor]
         return min(waiting, default=self._step + 1)
 
 
@@ -343,7 +393,7 @@ class Tracker:
         self.fps = fps
         self._inner = make_tracker(self.settings, fps)
         self._relink = Relinker(fps, self.settings.relink_s, self.settings.gate, frame_size, keep_s=self.settings.lost_s)
-        self._fill = GapFiller(self.settings.fill_s)
+        self._fill = GapFiller(self.settings.fill_s, self.settings.high)
         self._seen: set[int] = set()
         self.events = TrackEvents()
         self.fills: list[Fill] = []
@@ -373,7 +423,7 @@ class Tracker:
         started = sorted({int(i) for i in out.tracker_id if i >= 0} - self._seen)
         self._seen.update(started)
         self.events = TrackEvents(started, sorted(self._relink.expire(t)))
-        self.fills = self._fill.update(step, t, out.tracker_id, out.xyxy, cls)
+        self.fills = self._fill.update(step, t, out.tracker_id, out.xyxy, cls, out.confidence)
         return out
 
     def hold_from(self) -> int:

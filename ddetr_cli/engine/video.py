@@ -407,16 +407,27 @@ def detections_to_records(dets: sv.Detections, labels: LabelTable,
     return out
 
 
-def add_fills(pending: Sequence[tuple[int, dict]], fills: Sequence[Fill], labels: LabelTable) -> int:
+def add_fills(pending: Sequence[tuple[int, dict]], fills: Sequence[Fill], labels: LabelTable, conf: float) -> int:
     """Add the tracker's interpolated boxes to the waiting JSON line records of their steps
     (``pending``: (tracker step, record)); returns how many were added. Each is marked
-    ``"interpolated": true`` and has no score: it is the track's estimate, not a detection."""
+    ``"interpolated": true`` and has no score: it is the track's estimate, not a detection. A
+    fill that ``replaces`` a weak box takes its id: the box stays as an untracked detection if it
+    scores at least ``conf`` (what is drawn and saved), else it goes (it was kept for the track)."""
     by_step = {st: rec for st, rec in pending}
     n = 0
     for f in fills:
         rec = by_step.get(f.step)
         if rec is None:  # cannot happen while the writer honours Tracker.hold_from
             continue
+        if f.replaces:
+            dets = []
+            for d in rec["detections"]:
+                if d.get("track_id") == f.track_id and not d.get("interpolated"):
+                    if d["score"] < conf:
+                        continue
+                    d = dict(d, track_id=None)
+                dets.append(d)
+            rec["detections"] = dets
         cat = labels.get(f.class_id)
         rec["detections"].append({"box": [round(float(v), 2) for v in f.xyxy], "score": None, "label": f.class_id,
                                   "category_id": cat.id if cat else None, "class": labels.name(f.class_id),
@@ -785,7 +796,7 @@ class VideoPipeline:
                         jsonl.write(rec)
                     else:
                         rec["track_events"] = events
-                        interpolated += add_fills(pending, tracker.fills, labels)
+                        interpolated += add_fills(pending, tracker.fills, labels, self.conf)
                         pending.append((step, rec))
                         hold = tracker.hold_from()
                         while len(pending) > 1 and pending[0][0] < hold:
