@@ -350,13 +350,22 @@ TRACK_FILL_HELP = ("Tracking: a track found again after a miss of at most this m
                    "before they are written); 0 turns it off.")
 
 
+def _check_track_flags(tracker: str, high: Optional[float], low: Optional[float], fill: float = 0.0) -> None:
+    """What the tracking flags alone can get wrong, checked before the model loads."""
+    from ddetr_cli.engine.track import TRACKERS
+
+    if tracker.strip().lower() not in TRACKERS:
+        raise UserError(f"unknown --tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
+    if high is not None and low is not None and low > high:
+        raise UserError(f"--track-low ({low:g}) must not be above --track-high ({high:g})")
+
+
 def _track_settings(tracker: str, high: Optional[float], low: Optional[float], fill: float, cfg=None):
     """The tracking settings: flags first, then the model card's thresholds (``cfg``: a ModelConfig), then the defaults."""
-    from ddetr_cli.engine.track import TRACKERS, TrackSettings, track_thresholds
+    from ddetr_cli.engine.track import TrackSettings, track_thresholds
 
+    _check_track_flags(tracker, high, low)
     name = tracker.strip().lower()
-    if name not in TRACKERS:
-        raise UserError(f"unknown --tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
     hi, lo = track_thresholds(cfg, high, low)
     if lo > hi:
         raise UserError(f"the track low threshold {lo:g} is above the high one {hi:g} (--track-low / --track-high, or the model "
@@ -437,7 +446,7 @@ def video(
     if not (show or save or save_json):
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
-    _track_settings(tracker, track_high, track_low, track_fill)  # a bad flag fails before the model loads
+    _check_track_flags(tracker, track_high, track_low)  # a bad flag fails before the model loads
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
     settings = _track_settings(tracker, track_high, track_low, track_fill, det.cfg)
     if masks or panoptic:
@@ -649,7 +658,7 @@ def _eval_track(source: str, gt: Optional[Path], *, model, conf: float, classes,
             live = parse_source(source).live
             if live:
                 raise UserError(f"{source}: --track scores a video file (a live source has no ground truth frames)")
-            _track_settings(*settings)  # a bad flag fails before the model loads
+            _check_track_flags(*settings)  # a bad flag fails before the model loads
             det, class_ids = _load_detector(model, device, half, imgsz, classes)
             settings = _track_settings(*settings, det.cfg)
             run_dir = _run_dir(out_dir, "eval", exist_ok)

@@ -363,6 +363,13 @@ class GapFiller:
             self._weak.pop(i, None)
         return fills
 
+    def forget(self, ids: list[int]) -> None:
+        """Ids that ended (they never come back): nothing waits for them any more."""
+        for i in ids:
+            self._last.pop(i, None)
+            self._anchor.pop(i, None)
+            self._weak.pop(i, None)
+
     def hold_from(self) -> int:
         """The first step that a later ``update`` may still fill (the current step + 1 when none)."""
         waiting = [a[0] + 1 for a in self._anchor.values() if a[0] < self._step]
@@ -424,6 +431,7 @@ class Tracker:
         self._seen.update(started)
         self.events = TrackEvents(started, sorted(self._relink.expire(t)))
         self.fills = self._fill.update(step, t, out.tracker_id, out.xyxy, cls, out.confidence)
+        self._fill.forget(self.events.ended)
         return out
 
     def hold_from(self) -> int:

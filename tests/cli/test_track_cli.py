@@ -62,7 +62,7 @@ def test_model_card_thresholds_are_the_track_defaults(tmp_path: Path, tiny_model
     # the card's high with a flag's low above it: one line, no traceback, no run
     r = CliRunner().invoke(app, ["eval", str(clip), "--track", "--gt", str(gt), "--model", str(carded), "--track-low", "0.8",
                                  "--out", str(tmp_path / "bad")])
-    assert r.exit_code != 0 and "above the high one 0.7" in str(r.exception)
+    assert r.exit_code != 0 and "above the high one 0.7" in str(r.exception) and not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="track_low"):
         update_config(carded, track_high=0.3, track_low=0.4)
     assert data_section(carded) == data_section(tiny_model_path)  # a refused update leaves the file as it was
