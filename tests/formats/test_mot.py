@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ddetr_cli.data import synth
+from ddetr_cli.data.sequence import ImageSequence
 from ddetr_cli.formats.mot import (
     TrackFileError,
     mot_lines,
@@ -147,6 +148,13 @@ def test_seqinfo_and_sequence_folder_round_trip(tmp_path: Path) -> None:
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(1, 9)]
     for f, im in zip(files, images):
         np.testing.assert_array_equal(cv2.imread(str(f)), im)
+    # read like a video (ddetr video SEQ/): in order, at the sequence's frame rate and size
+    cap = ImageSequence(seq)
+    assert (cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT), cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == (12.0, 8, 160)
+    read = [cap.read() for _ in range(9)]
+    assert [ok for ok, _ in read] == [True] * 8 + [False]
+    for (_, got), im in zip(read, images):
+        np.testing.assert_array_equal(got, im)
     # gt.txt as motmetrics reads MOT files: the same boxes (ids + 1), all considered
     ref = mm.io.loadtxt(str(seq / "gt" / "gt.txt"), fmt="mot15-2D", min_confidence=1)
     assert len(ref) == sum(len(t["ids"]) for t in truth)
