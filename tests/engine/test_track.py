@@ -275,6 +275,25 @@ def test_gap_filler_interpolates_between_the_two_observations() -> None:
     for f, b in got:
         np.testing.assert_allclose(b, square(f), atol=1e-4)
 
+    # weak boxes (below high, kept by the second stage) between confident ones: one on the square's
+    # line stays, one that does not fit its motion (a partial view, a neighbour's box) is replaced
+    tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=0.5, high=0.5, low=0.1))
+    fills = []
+    for f in range(12):
+        d = one_box(f, False)
+        if f in (5, 6):
+            d.confidence[:] = 0.3
+        if f == 6:
+            d.xyxy[0] += np.array([12, 0, 0, 0], np.float32)  # the left part is hidden: IoU 0.6 with the square
+        if f == 7:
+            d.confidence[:] = 0.3
+            d.xyxy[0] = square(f) + np.array([17, 0, 0, 0], np.float32)  # IoU 0.43: most of it hidden
+        out = tracker.update(d, timestamp=f / 12)
+        assert list(out.tracker_id) == [1]
+        fills += tracker.fills
+    assert [(x.step, x.replaces) for x in fills] == [(7, True)]
+    np.testing.assert_allclose(fills[0].xyxy, square(7), atol=1e-4)
+
     # a miss longer than fill_s is not filled (the id survives it), and nothing waits for it any more
     for fill_s in (0.25, 0.0):
         tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=fill_s))
