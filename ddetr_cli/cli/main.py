@@ -376,7 +376,8 @@ def _track_settings(tracker: str, high: Optional[float], low: Optional[float], f
 @app.command()
 def video(
     source: Annotated[str, typer.Argument(
-            help="Video file, webcam (cam0, cam1 or 0), or rtsp:// rtmp:// http(s):// stream.", show_default=False)],
+            help="Video file, MOTChallenge sequence folder (seqinfo.ini + img1/), webcam (cam0, cam1 or 0), or rtsp:// rtmp:// "
+                 "http(s):// stream.", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
                                                                        "Default: the COCO model.")] = None,
     show: Annotated[bool, typer.Option("--show", help="Live window with boxes, ids and FPS (q or Esc quits).")] = False,
@@ -435,6 +436,8 @@ def video(
       ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
 
       ddetr video clip.mp4 --track --tracker bytetrack --track-high 0.6 --save-json
+
+      ddetr video MOT17-04-FRCNN/ --track --track-fill 0
     """
     import time
 
@@ -513,7 +516,8 @@ def _video_summary(res) -> None:
 @app.command("eval")
 def eval_cmd(
     dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder; with --track a video "
-                                                "file, or the .jsonl of an earlier 'ddetr video --track --save-json'.",
+                                                "file, a MOTChallenge sequence folder (its gt/gt.txt is the default --gt), or the "
+                                                ".jsonl of an earlier 'ddetr video --track --save-json'.",
                                            show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
                                                                        "Default: the COCO model.")] = None,
@@ -544,8 +548,10 @@ def eval_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     track: Annotated[bool, typer.Option("--track", help="Score tracking (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt or a clip JSON like "
-                                                            "examples/clip.json (default: the video's name with .json).")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt (MOT17 rules: consider "
+                                                            "flag 1, class 1; distractors not scored) or a clip JSON like "
+                                                            "examples/clip.json (default: the video's name with .json; a sequence "
+                                                            "folder's gt/gt.txt).")] = None,
     tracker: Annotated[str, typer.Option("--tracker", help="--track: " + TRACKER_HELP)] = "cbiou",
     track_high: Annotated[Optional[float], typer.Option("--track-high", help=TRACK_HIGH_HELP, min=0.0, max=1.0)] = None,
     track_low: Annotated[Optional[float], typer.Option("--track-low", help=TRACK_LOW_HELP, min=0.0, max=1.0)] = None,
@@ -572,6 +578,8 @@ def eval_cmd(
       ddetr eval examples/clip.mp4 --track --model demo
 
       ddetr eval MOT17-04.mp4 --track --gt MOT17-04/gt/gt.txt --classes person --tracker bytetrack
+
+      ddetr eval MOT17-04-FRCNN/ --track --classes person
 
       ddetr eval runs/video/exp/clip.jsonl --track --gt examples/clip.json
 
