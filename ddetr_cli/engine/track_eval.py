@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ddetr_cli.engine.track import TrackSettings
+from ddetr_cli.engine.track import TrackSettings, settings_for
 from ddetr_cli.files import atomic_write_text
 from ddetr_cli.formats.mot import TrackFrames, mot_lines, read_video_jsonl
 
@@ -150,7 +150,7 @@ def evaluate_video(detector: Any, source: str | Path, truth: TrackFrames, out_di
     """Track ``source`` (``ddetr video --track --save-json`` into ``out_dir``) and score it."""
     from ddetr_cli.engine.video import run_video
 
-    settings = settings or TrackSettings()
+    settings = settings or settings_for(getattr(detector, "cfg", None))  # the model card's thresholds, else the defaults
     run = run_video(detector, source, out_dir, conf=conf, track=True, track_settings=settings, save_json=True,
                     on_progress=on_progress, **video_kw)
     if run.error:

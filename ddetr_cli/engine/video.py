@@ -43,7 +43,7 @@ import supervision as sv  # noqa: E402
 from ddetr_cli.data.sequence import ImageSequence  # noqa: E402
 from ddetr_cli.data.sources import SourceError  # noqa: E402
 from ddetr_cli.engine.draw import Annotator  # noqa: E402
-from ddetr_cli.engine.track import Fill, Tracker, TrackSettings, tracked_output  # noqa: E402
+from ddetr_cli.engine.track import Fill, Tracker, TrackSettings, settings_for, tracked_output  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
 from ddetr_cli.formats.mot import TrackFileError, is_mot_sequence  # noqa: E402
@@ -635,7 +635,8 @@ class VideoPipeline:
         if self.latest:
             self.batch = 1  # batching would mean waiting for stale frames
         self.track, self.show, self.save, self.save_json, self.codec = track, show, save, save_json, codec
-        self.track_settings = track_settings or TrackSettings()
+        # None: the model card's thresholds (``ModelConfig.track_high/low``), else the defaults
+        self.track_settings = track_settings or settings_for(getattr(detector, "cfg", None))
         # the tracker wants every detection down to its low threshold; ``conf`` still decides
         # which untracked ones are drawn and saved (``track.tracked_output``)
         self.infer_conf = min(conf, self.track_settings.low) if track else conf
