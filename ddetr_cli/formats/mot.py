@@ -136,7 +136,8 @@ def read_clip_json(path: str | Path) -> TrackFrames:
 
 def read_video_jsonl(path: str | Path) -> TrackFrames:
     """``ddetr video --track --save-json`` output -> the tracked boxes per frame; ``processed`` =
-    every frame with a line. Detections without a ``track_id`` are not part of any track."""
+    every frame with a line. Detections without a ``track_id`` are not part of any track; boxes
+    marked ``"interpolated"`` (gap fills) are, as the tracker's output."""
     p = Path(path)
     rows, processed = [], set()
     try:
