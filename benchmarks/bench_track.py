@@ -8,6 +8,7 @@ and is scored by ``track_eval.score_tracks`` (trackers.eval: TrackEval's HOTA, C
     python benchmarks/bench_track.py                        # demo model: every tracker, every clip
     python benchmarks/bench_track.py --sweep                # + the high/low threshold grid of the default tracker
     python benchmarks/bench_track.py --model my.safetensors --scenes lines,crossing --frames 90
+    python benchmarks/bench_track.py --fills 0,0.25,0.5,1,2 # gap interpolation (--track-fill) grid of the default tracker
 
 "previous" is what ``--track`` did before: ByteTrack on the detections >= --conf only, no
 duplicate suppression, no re-linking.
@@ -30,12 +31,12 @@ import torch
 
 from ddetr_cli.data import synth
 from ddetr_cli.engine.predictor import Detector
-from ddetr_cli.engine.track import TRACKERS, Tracker, TrackSettings, tracked_output
+from ddetr_cli.engine.track import TRACKERS, Tracker, TrackSettings, settings_for, tracked_output
 from ddetr_cli.engine.track_eval import score_tracks
 from ddetr_cli.formats.mot import TrackFrames, read_clip_json
 
 ROOT = Path(__file__).resolve().parents[1]
-PREVIOUS = TrackSettings(tracker="bytetrack", high=0.5, low=0.3, nms_iou=1.0, relink_s=0.0, min_frames=2)
+PREVIOUS = TrackSettings(tracker="bytetrack", high=0.5, low=0.3, nms_iou=1.0, relink_s=0.0, min_frames=2, fill_s=0.0)
 
 
 def decode(path: Path) -> list[np.ndarray]:
@@ -71,6 +72,10 @@ def track(dets: list[sv.Detections], frames: list[np.ndarray], fps: float, setti
         spent += time.perf_counter() - t0
         ok = kept.tracker_id >= 0
         out[i] = (kept.tracker_id[ok], kept.xyxy[ok].astype(np.float64))
+        for f in tracker.fills:  # interpolated boxes of earlier frames, as the JSON lines get them
+            ids, boxes = out[f.step]
+            keep = ids != f.track_id  # a fill that replaces a weak box takes its id
+            out[f.step] = (np.append(ids[keep], f.track_id), np.vstack([boxes[keep], f.xyxy[None]]))
     return TrackFrames(out, processed=set(range(len(frames)))), 1000 * spent / max(len(frames), 1)
 
 
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--conf", type=float, default=0.3, help="drawing threshold (the video default)")
     ap.add_argument("--sweep", action="store_true", help="also grid the default tracker's high/low thresholds")
+    ap.add_argument("--fills", default="", help="comma-separated gap-interpolation limits (s) to compare, e.g. 0,0.5,1,2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder keeping each clip's detections (.npz): later runs (other trackers, --sweep) skip the model")
@@ -120,14 +126,17 @@ def main() -> None:
             np.savez(key, **arrays)
     model_ms = 1000 * (time.perf_counter() - t0) / max(n_run, 1)
 
-    default = TrackSettings()
+    default = settings_for(det.cfg)  # as `ddetr video --track` sets it up for this model (its card's thresholds)
     runs = [("previous", PREVIOUS, True)] + [(name, replace(default, tracker=name), False)
                                               for name in [t.strip() for t in args.trackers.split(",") if t.strip()]]
+    if default.fill_s:  # the default tracker without gap interpolation (--track-fill 0)
+        at = next((k for k, r in enumerate(runs) if r[0] == default.tracker), len(runs) - 1) + 1
+        runs.insert(at, (f"{default.tracker}, --track-fill 0", replace(default, fill_s=0.0), False))
     print(f"\n`ddetr video --track` on synthetic clips ({args.size}, {args.fps} fps, seed {args.seed}), model {args.model} "
           f"({f'{model_ms:.0f} ms/frame' if n_run else 'detections from --cache'}), {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads; "
           f"thresholds high {default.high:g} / low {default.low:g}, duplicate NMS IoU {default.nms_iou:g}, re-link within "
-          f"{default.relink_s:g} s, drawing conf {args.conf:g}\n")
+          f"{default.relink_s:g} s, gaps up to {default.fill_s:g} s interpolated, drawing conf {args.conf:g}\n")
     print("| clip | frames | objects | tracker | IDF1 | HOTA | MOTA | ID switches | frag. | mostly tracked | ids | tracker ms/frame |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     means: dict[str, list[float]] = {}
@@ -143,6 +152,17 @@ def main() -> None:
     print("\n| tracker | mean IDF1 over the clips |\n|---|---:|")
     for label, v in means.items():
         print(f"| {label} | {np.mean(v):.3f} |")
+
+    if args.fills:
+        print(f"\ngap interpolation (--track-fill), {default.tracker}: over the {len(clips)} clips\n")
+        print("| --track-fill (s) | mean IDF1 | mean HOTA | mean MOTA | ID switches | mostly tracked | false boxes |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for fill in [float(v) for v in args.fills.split(",") if v.strip()]:
+            res = [score_tracks(truth, track(dets[n], frames, fps, replace(default, fill_s=fill), args.conf)[0])
+                   for n, (truth, frames, fps) in clips.items()]
+            print(f"| {fill:g} | {np.mean([r['IDF1'] for r in res]):.3f} | {np.mean([r['HOTA'] for r in res]):.3f} | "
+                  f"{np.mean([r['MOTA'] for r in res]):.3f} | {sum(r['IDSW'] for r in res)} | "
+                  f"{sum(r['MT'] for r in res)}/{sum(r['objects'] for r in res)} | {sum(r['FP'] for r in res)} |")
 
     if args.sweep:
         print(f"\nthreshold grid, {default.tracker}: mean IDF1 / total ID switches over the clips\n")

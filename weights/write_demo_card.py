@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
+# the demo model's tracking thresholds (``ddetr video --track`` defaults), chosen from the grid of
+# ``python benchmarks/bench_track.py --sweep`` (mean IDF1 over its clips); kept in the weights'
+# metadata (weights.load.update_config: the tensors are not touched)
+TRACK_HIGH, TRACK_LOW = 0.5, 0.2
 
 
 def main() -> None:
@@ -18,6 +22,9 @@ def main() -> None:
     n_test = len(json.loads((data / "coco" / "test" / "_annotations.coco.json").read_text())["images"])
     dst = here / "demo.safetensors"
     shutil.copyfile(run / "best.safetensors", dst)
+    from ddetr_cli.weights.load import update_config
+
+    update_config(dst, track_high=TRACK_HIGH, track_low=TRACK_LOW)
     out = subprocess.run(["ddetr", "eval", str(data / "coco"), "--split", "test", "--model", str(dst), "--json",
                           "--out", str(run / "heldout_eval")], check=True, capture_output=True, text=True).stdout
     m = json.loads(out)["metrics"]
@@ -51,6 +58,11 @@ training or validation). Regenerate that split and re-measure:
 
     python -m ddetr_cli.data.synth dataset /tmp/heldout --train 0 --val 0 --test {n_test} --seed {seed} --formats coco
     ddetr eval /tmp/heldout/coco --split test --model demo
+
+## Tracking
+`ddetr video --track` defaults for this model (in the weights' metadata, `ddetr weights info demo`):
+`--track-high {cfg.track_high:g}`, `--track-low {cfg.track_low:g}`, the best mean IDF1 of the threshold grid of
+`python benchmarks/bench_track.py --sweep` (see the README's tracking section).
 
 ## Model
 {cfg.variant}, ResNet-{cfg.backbone_depth} with stem width {cfg.backbone_width} (trained from scratch: no

@@ -387,27 +387,44 @@ def _detect_summary(res) -> None:
 
 TRACKER_HELP = ("cbiou (default: best on bench_track.py), bytetrack, ocsort, botsort (camera-motion compensation) or sort; "
                 "all from the trackers package.")
-TRACK_HIGH_HELP = "Tracking: detections scoring at least this start tracks and are matched first (default 0.5, measured)."
-TRACK_LOW_HELP = "Tracking: detections from this score up only continue tracks; lower ones are ignored (default 0.1, measured)."
+TRACK_HIGH_HELP = ("Tracking: detections scoring at least this start tracks and are matched first (default: the model card's "
+                   "track_high, else 0.5; measured).")
+TRACK_LOW_HELP = ("Tracking: detections from this score up only continue tracks; lower ones are ignored (default: the model "
+                  "card's track_low, else 0.1; measured).")
+TRACK_FILL_DEFAULT = 2.0  # engine.track.TrackSettings.fill_s (measured: bench_track.py --fills)
+TRACK_FILL_HELP = ("Tracking: a track found again after a miss of at most this many seconds gets interpolated boxes for the "
+                   "missed frames in the JSON lines (marked \"interpolated\": true, no score; lines then wait up to this long "
+                   "before they are written); 0 turns it off.")
 
 
-def _track_settings(tracker: str, high: Optional[float], low: Optional[float]):
-    from ddetr_cli.engine.track import TRACKERS, TrackSettings
+def _check_track_flags(tracker: str, high: Optional[float], low: Optional[float], fill: float = 0.0) -> None:
+    """What the tracking flags alone can get wrong, checked before the model loads."""
+    from ddetr_cli.engine.track import TRACKERS
 
-    d = TrackSettings()
-    name, high, low = tracker.strip().lower(), d.high if high is None else high, d.low if low is None else low
-    if name not in TRACKERS:
+    if tracker.strip().lower() not in TRACKERS:
         raise UserError(f"unknown --tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
-    if low > high:
+    if high is not None and low is not None and low > high:
         raise UserError(f"--track-low ({low:g}) must not be above --track-high ({high:g})")
-    return TrackSettings(tracker=name, high=high, low=low)
 
+
+def _track_settings(tracker: str, high: Optional[float], low: Optional[float], fill: float, cfg=None):
+    """The tracking settings: flags first, then the model card's thresholds (``cfg``: a ModelConfig), then the defaults."""
+    from ddetr_cli.engine.track import TrackSettings, track_thresholds
+
+    _check_track_flags(tracker, high, low)
+    name = tracker.strip().lower()
+    hi, lo = track_thresholds(cfg, high, low)
+    if lo > hi:
+        raise UserError(f"the track low threshold {lo:g} is above the high one {hi:g} (--track-low / --track-high, or the model "
+                        f"card's track_low / track_high)")
+    return TrackSettings(tracker=name, high=hi, low=lo, fill_s=fill)
 
 
 @app.command()
 def video(
     source: Annotated[str, typer.Argument(
-            help="Video file, webcam (cam0, cam1 or 0), or rtsp:// rtmp:// http(s):// stream.", show_default=False)],
+            help="Video file, MOTChallenge sequence folder (seqinfo.ini + img1/), webcam (cam0, cam1 or 0), or rtsp:// rtmp:// "
+                 "http(s):// stream.", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
                                                                        "Default: the COCO model.")] = None,
     show: Annotated[bool, typer.Option("--show", help="Live window with boxes, ids and FPS (q or Esc quits).")] = False,
@@ -419,6 +436,7 @@ def video(
     tracker: Annotated[str, typer.Option("--tracker", help=TRACKER_HELP)] = "cbiou",
     track_high: Annotated[Optional[float], typer.Option("--track-high", help=TRACK_HIGH_HELP, min=0.0, max=1.0)] = None,
     track_low: Annotated[Optional[float], typer.Option("--track-low", help=TRACK_LOW_HELP, min=0.0, max=1.0)] = None,
+    track_fill: Annotated[float, typer.Option("--track-fill", help=TRACK_FILL_HELP, min=0.0)] = TRACK_FILL_DEFAULT,
     masks: Annotated[bool, typer.Option("--masks", help="Instance masks as COCO polygons ('segmentation') in the JSON lines (needs a "
                                                         "model with a mask head, e.g. detr-resnet-50-panoptic). Masks are drawn whenever "
                                                         "the model makes them.")] = False,
@@ -468,6 +486,8 @@ def video(
       ddetr video rtsp://192.168.1.20:554/stream --track --save --reconnect-timeout 600
 
       ddetr video clip.mp4 --track --tracker bytetrack --track-high 0.6 --save-json
+
+      ddetr video MOT17-04-FRCNN/ --track --track-fill 0
     """
     import time
 
@@ -480,8 +500,9 @@ def video(
     if not (show or save or save_json):
         save_json = True
     live = parse_source(source).live  # a bad source fails here, before the model loads or a run folder is made
-    settings = _track_settings(tracker, track_high, track_low)
+    _check_track_flags(tracker, track_high, track_low)  # a bad flag fails before the model loads
     det, class_ids = _load_detector(model, device, half, imgsz, classes)
+    settings = _track_settings(tracker, track_high, track_low, track_fill, det.cfg)
     if masks or panoptic:
         _require_masks(det, model, "--masks" if masks else "--panoptic")
 
@@ -529,6 +550,7 @@ def video(
 
 def _video_summary(res) -> None:
     extra = f", {res.tracks} tracks" if res.tracks else ""
+    extra += f" (+{res.interpolated} interpolated boxes in the JSON lines)" if res.interpolated else ""
     console.print(
         f"ddetr video: {res.frames} frames processed ({res.read} read, {res.dropped} dropped, {res.reconnects} reconnects), "
         f"{res.detections} detections{extra}, {res.seconds:.1f} s, {res.fps:.2f} FPS"
@@ -545,7 +567,8 @@ def _video_summary(res) -> None:
 @app.command("eval")
 def eval_cmd(
     dataset: Annotated[str, typer.Argument(help="'coco' for COCO val2017, or a COCO/YOLO/VOC dataset folder; with --track a video "
-                                                "file, or the .jsonl of an earlier 'ddetr video --track --save-json'.",
+                                                "file, a MOTChallenge sequence folder (its gt/gt.txt is the default --gt), or the "
+                                                ".jsonl of an earlier 'ddetr video --track --save-json'.",
                                            show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub folder, official .pth or .safetensors. "
                                                                        "Default: the COCO model.")] = None,
@@ -577,11 +600,14 @@ def eval_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
     track: Annotated[bool, typer.Option("--track", help="Score tracking (IDF1, HOTA, MOTA, id switches, ...) against --gt.")] = False,
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt or a clip JSON like "
-                                                            "examples/clip.json (default: the video's name with .json).")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="--track: ground truth, a MOTChallenge gt.txt (MOT17 rules: consider "
+                                                            "flag 1, class 1; distractors not scored) or a clip JSON like "
+                                                            "examples/clip.json (default: the video's name with .json; a sequence "
+                                                            "folder's gt/gt.txt).")] = None,
     tracker: Annotated[str, typer.Option("--tracker", help="--track: " + TRACKER_HELP)] = "cbiou",
     track_high: Annotated[Optional[float], typer.Option("--track-high", help=TRACK_HIGH_HELP, min=0.0, max=1.0)] = None,
     track_low: Annotated[Optional[float], typer.Option("--track-low", help=TRACK_LOW_HELP, min=0.0, max=1.0)] = None,
+    track_fill: Annotated[float, typer.Option("--track-fill", help="--track: " + TRACK_FILL_HELP, min=0.0)] = TRACK_FILL_DEFAULT,
     vid_stride: Annotated[int, typer.Option("--vid-stride", help="--track: process every N-th frame (the others are not scored).",
                                             min=1)] = 1,
 ) -> None:
@@ -605,6 +631,8 @@ def eval_cmd(
 
       ddetr eval MOT17-04.mp4 --track --gt MOT17-04/gt/gt.txt --classes person --tracker bytetrack
 
+      ddetr eval MOT17-04-FRCNN/ --track --classes person
+
       ddetr eval runs/video/exp/clip.jsonl --track --gt examples/clip.json
 
       ddetr eval ./panoptic-data --panoptic --model detr-resnet-50-panoptic
@@ -613,7 +641,7 @@ def eval_cmd(
     if track:
         return _eval_track(dataset, gt, model=model, conf=conf, classes=classes, max_det=max_det, imgsz=imgsz, batch=batch,
                            device=device, half=half, out_dir=out_dir, exist_ok=exist_ok, quiet=quiet, as_json=as_json,
-                           settings=_track_settings(tracker, track_high, track_low), vid_stride=vid_stride)
+                           settings=(tracker, track_high, track_low, track_fill), vid_stride=vid_stride)
     from ddetr_cli.data.coco_val import CocoUnavailable, ensure_val2017
     from ddetr_cli.data.datasets import load_dataset
     from ddetr_cli.engine.evaluator import EvalError, evaluate
@@ -667,7 +695,8 @@ def eval_cmd(
 
 def _eval_track(source: str, gt: Optional[Path], *, model, conf: float, classes, max_det: int, imgsz, batch: int, device: str,
                 half: bool, out_dir: Optional[Path], exist_ok: bool, quiet: bool, as_json: bool, settings, vid_stride: int) -> None:
-    """``ddetr eval SOURCE --track``: a video is tracked (then scored), a .jsonl is scored as it is."""
+    """``ddetr eval SOURCE --track``: a video or MOTChallenge sequence folder is tracked (then
+    scored), a .jsonl is scored as it is. ``settings``: (tracker, high, low, fill) as flagged."""
     from ddetr_cli.engine.track_eval import TrackEvalError, TrackEvalResult, evaluate_video, score_tracks, write_result
     from ddetr_cli.engine.video import parse_source
     from ddetr_cli.formats.mot import TrackFileError, read_truth, read_video_jsonl
@@ -675,9 +704,10 @@ def _eval_track(source: str, gt: Optional[Path], *, model, conf: float, classes,
     src = Path(source)
     from_jsonl = src.suffix.lower() == ".jsonl"
     if gt is None:
-        gt = src.with_suffix(".json")
+        gt = src / "gt" / "gt.txt" if src.is_dir() else src.with_suffix(".json")
         if from_jsonl or not gt.is_file():
-            raise UserError(f"--track needs --gt (a MOTChallenge gt.txt or a clip JSON); there is no {gt.name} beside {src.name}")
+            where = f"{src.name}/gt/gt.txt" if src.is_dir() else f"{gt.name} beside {src.name}"
+            raise UserError(f"--track needs --gt (a MOTChallenge gt.txt or a clip JSON); there is no {where}")
     try:
         truth = read_truth(gt)
         if from_jsonl:
@@ -689,7 +719,9 @@ def _eval_track(source: str, gt: Optional[Path], *, model, conf: float, classes,
             live = parse_source(source).live
             if live:
                 raise UserError(f"{source}: --track scores a video file (a live source has no ground truth frames)")
+            _check_track_flags(*settings)  # a bad flag fails before the model loads
             det, class_ids = _load_detector(model, device, half, imgsz, classes)
+            settings = _track_settings(*settings, det.cfg)
             run_dir = _run_dir(out_dir, "eval", exist_ok)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -724,8 +756,8 @@ def _track_summary(res) -> None:
     console.print(t)
     st = res.settings
     if "tracker" in st:
-        console.print(f"tracker {st['tracker']}, high {st['high']:g}, low {st['low']:g}, conf {st['conf']:g}; {res.seconds:.1f} s",
-                      highlight=False)
+        console.print(f"tracker {st['tracker']}, high {st['high']:g}, low {st['low']:g}, gaps filled up to {st['fill_s']:g} s, "
+                      f"conf {st['conf']:g}; {res.seconds:.1f} s", highlight=False)
     for kind, path in res.outputs.items():
         console.print(f"{kind:>7}: {path}", highlight=False)
 
@@ -1114,16 +1146,25 @@ def weights_info(
         labels = cfg.labels
         _print_json({"path": str(path), "layout": layout, "variant": cfg.variant, "parameters": n_params,
                      "backbone": cfg.backbone_label, "d_model": cfg.d_model, "queries": cfg.num_queries,
-                     "num_classes": cfg.num_classes, "imgsz": cfg.imgsz,
+                     "num_classes": cfg.num_classes, "imgsz": cfg.imgsz, "track_high": cfg.track_high, "track_low": cfg.track_low,
                      "categories": [{"label": c.label, "id": c.id, "name": c.name} for c in labels]})
         return
     t = Table(show_header=False, box=None)
     for k, v in [("path", str(path)), ("layout", layout), ("variant", cfg.variant), ("parameters", f"{n_params / 1e6:.2f} M"),
                  ("backbone", cfg.backbone_label), ("d_model", cfg.d_model),
                  ("queries", cfg.num_queries), ("classes", cfg.num_classes),
-                 ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-")]:
+                 ("names", ", ".join(n for n in cfg.class_names if n)[:300] or "-"),
+                 ("tracking", _card_thresholds(cfg))]:
         t.add_row(f"[bold]{k}[/]", str(v))
     out.print(t)
+
+
+def _card_thresholds(cfg) -> str:
+    from ddetr_cli.engine.track import track_thresholds
+
+    high, low = track_thresholds(cfg)
+    own = cfg.track_high is not None or cfg.track_low is not None
+    return f"high {high:g}, low {low:g} ({'measured for this model' if own else 'the defaults: the model card has none'})"
 
 
 # file-system failures a user can act on: one line naming the path, not a traceback

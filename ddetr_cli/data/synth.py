@@ -39,6 +39,7 @@ from ddetr_cli.formats.annotations import Instances, names_txt
 from ddetr_cli.formats.coco import CocoWriter
 from ddetr_cli.formats.labels import Category, LabelTable
 from ddetr_cli.formats.masks import mask_area, mask_to_polygons
+from ddetr_cli.formats.mot import write_mot_sequence
 from ddetr_cli.formats.panoptic import Panoptic, PanopticWriter, Segment
 from ddetr_cli.formats.voc import voc_image_set, voc_xml
 from ddetr_cli.formats.yolo import yolo_data_yaml, yolo_lines
@@ -556,12 +557,36 @@ def make_clip(path: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240
 
     `size` is (width, height); both should be even for yuv420p. Returns one dict per frame of the
     written video: {"frame": int, "boxes": (K, 4) float32 xyxy px of the visible part, "labels": (K,)
-    int64, "ids": (K,) int64 object ids, stable across frames}. Objects less than ``MIN_VISIBLE``
-    visible in a frame (under another shape or the "occluder" pillar) are absent from that frame's
-    ground truth. "dropped" renders ``frames`` frames and writes only those a lossy stream kept,
-    numbered as written (``source_frame`` in each dict says which rendered frame it was).
+    int64, "ids": (K,) int64 object ids, stable across frames, "visibility": (K,) visible share}.
+    Objects less than ``MIN_VISIBLE`` visible in a frame (under another shape or the "occluder"
+    pillar) are absent from that frame's ground truth. "dropped" renders ``frames`` frames and
+    writes only those a lossy stream kept, numbered as written (``source_frame`` in each dict says
+    which rendered frame it was).
     """
+    images, truth = render_clip(frames=frames, size=size, seed=seed, scene=scene)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_video(path, images, fps)
+    return truth
+
+
+def make_mot_sequence(seq: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240), fps: int = 15, seed: int = 0,
+                      scene: str = "lines", im_ext: str = ".png") -> list[dict]:
+    """``make_clip``'s clip as a MOTChallenge sequence folder (``seqinfo.ini``, ``img1/000001.png``
+    ..., ``gt/gt.txt`` with ids from 1, every object of the target class 1, its visibility).
+    ``im_ext`` ".png" keeps the rendered pixels exactly; ".jpg" is MOTChallenge's own. Returns
+    the same ground truth as ``make_clip`` (0-based ids)."""
+    images, truth = render_clip(frames=frames, size=size, seed=seed, scene=scene)
+    encoded = [cv2.imencode(im_ext, im)[1].tobytes() for im in images]
+    gt = {t["frame"]: (t["ids"] + 1, t["boxes"].astype(np.float64)) for t in truth}
+    write_mot_sequence(seq, encoded, gt, fps=fps, size=size, im_ext=im_ext,
+                       visibility={t["frame"]: t["visibility"] for t in truth})
+    return truth
+
+
+def render_clip(*, frames: int = 60, size: tuple[int, int] = (320, 240), seed: int = 0,
+                scene: str = "lines") -> tuple[list[np.ndarray], list[dict]]:
+    """The frames ((H, W, 3) uint8 BGR) and ground truth of ``make_clip``, without writing them."""
     width, height = size
     rng = np.random.default_rng([seed, 7])
     shapes, centres, occluder = _scene_tracks(scene, rng, width, height, frames)
@@ -593,13 +618,11 @@ def make_clip(path: Path, *, frames: int = 60, size: tuple[int, int] = (320, 240
         keep = ratios >= MIN_VISIBLE
         rec = {"frame": out_index, "boxes": boxes[keep].astype(np.float32),
                "labels": np.array([s.label for s in shapes_t], np.int64)[keep],
-               "ids": np.arange(n, dtype=np.int64)[keep]}
+               "ids": np.arange(n, dtype=np.int64)[keep], "visibility": ratios[keep]}
         if scene == "dropped":
             rec["source_frame"] = int(t)
         truth.append(rec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_video(path, images, fps)
-    return truth
+    return images, truth
 
 
 def clip_json(truth: list[dict], *, fps: float, size: tuple[int, int]) -> dict:

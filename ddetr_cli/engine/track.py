@@ -18,6 +18,10 @@ One frame goes through three steps::
   a new track of the inner tracker, whose Kalman prediction has drifted. ``Relinker`` gives it
   the id of the lost track whose own motion (fitted on its unoccluded boxes) leads to it.
 
+A track found again after a short miss (``TrackSettings.fill_s``) gets boxes for the frames it
+was missed in, interpolated between its two observations (``GapFiller``, ``Tracker.fills``): they
+are not detections, and whoever writes them marks them so.
+
 Ids are allocated here, from 1, and never reused. ``Tracker.update`` also reports when ids start
 and end (``TrackEvents``), which the video pipeline writes to its JSON lines.
 
@@ -27,6 +31,8 @@ Python API::
     for t, dets in enumerate(detections_per_frame):          # sv.Detections, scores >= settings.low
         out = tracker.update(dets, timestamp=t / 25.0)       # out.tracker_id: (N,) ids, -1 untracked
         print(tracker.events.started, tracker.events.ended)
+        for f in tracker.fills:                              # boxes of earlier steps in which an id was missed
+            print(f.step, f.track_id, f.xyxy)
     ended = tracker.finish()                                 # ids still alive at the end
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import supervision as sv
@@ -57,7 +64,10 @@ class TrackSettings:
     track; ``relink_s``: how long an id stays claimable by a new track (``Relinker``; an id ends
     when both have passed); ``gate``:
     how far (in object sizes) a new track may start from where the lost one was heading.
-    ``min_frames``: consecutive matches before a track gets an id.
+    ``min_frames``: consecutive matches before a track gets an id. ``fill_s``: a track found
+    again after a miss of at most this long gets boxes for the frames it was missed in, linearly
+    interpolated between the two observations (``Tracker.fills``; 0 turns it off). They are
+    marked as interpolated wherever they are written, and are not detections.
     """
 
     tracker: str = "cbiou"
@@ -68,17 +78,35 @@ class TrackSettings:
     relink_s: float = 2.0
     gate: float = 2.0
     min_frames: int = 1
+    fill_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.tracker not in TRACKERS:
             raise ValueError(f"unknown tracker {self.tracker!r}; choose from {', '.join(TRACKERS)}")
         if not 0.0 <= self.low <= self.high <= 1.0:
             raise ValueError(f"track thresholds need 0 <= low <= high <= 1, got low {self.low}, high {self.high}")
-        if self.min_frames < 1 or self.lost_s < 0 or self.relink_s < 0 or self.gate < 0:
-            raise ValueError("min_frames >= 1, lost_s, relink_s and gate >= 0")
+        if self.min_frames < 1 or self.lost_s < 0 or self.relink_s < 0 or self.gate < 0 or self.fill_s < 0:
+            raise ValueError("min_frames >= 1, lost_s, relink_s, gate and fill_s >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def track_thresholds(cfg: Any, high: float | None = None, low: float | None = None) -> tuple[float, float]:
+    """(high, low) for a model: as given, else the model's own measured thresholds
+    (``ModelConfig.track_high`` / ``track_low``, from its weights' metadata), else
+    ``TrackSettings``' defaults. ``cfg`` may be None (no model)."""
+    d = TrackSettings()
+    card_high, card_low = getattr(cfg, "track_high", None), getattr(cfg, "track_low", None)
+    high = high if high is not None else card_high if card_high is not None else d.high
+    low = low if low is not None else card_low if card_low is not None else d.low
+    return float(high), float(low)
+
+
+def settings_for(cfg: Any, high: float | None = None, low: float | None = None, **kw: Any) -> TrackSettings:
+    """``TrackSettings`` with ``track_thresholds(cfg, high, low)`` and the other fields ``kw``."""
+    high, low = track_thresholds(cfg, high, low)
+    return TrackSettings(high=high, low=low, **kw)
 
 
 def make_tracker(settings: TrackSettings, fps: float):
@@ -229,6 +257,126 @@ class Relinker:
         return sorted(self._obs)
 
 
+@dataclass(frozen=True)
+class Fill:
+    """A box for a frame in which track ``track_id`` was missed, interpolated afterwards: ``step``
+    is the ``Tracker.update`` call (0-based) it belongs to, ``xyxy`` (4,) px, ``class_id`` the
+    track's class when it was last seen. ``replaces``: the track had a weak box there (scored
+    below ``high``) that does not fit its motion; the fill takes the id from it."""
+
+    step: int
+    track_id: int
+    xyxy: np.ndarray
+    class_id: int
+    replaces: bool = False
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (4,) xyxy boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = max(a[2] - a[0], 0) * max(a[3] - a[1], 0) + max(b[2] - b[0], 0) * max(b[3] - b[1], 0) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class GapFiller:
+    """Linear interpolation of short gaps in published tracks (what ByteTrack and OC-SORT do
+    offline), done online with a bounded look-back.
+
+    Each id keeps its last observation and its last *confident* one (score >= ``high``), each
+    as (step, time, box, class). When an id is seen confidently again within ``max_gap_s`` seconds
+    of its last confident box, the steps in between are interpolated by time between the two
+    (dropped frames and strides keep their true spacing): a step without a box of the id gets
+    the interpolated box; a step where only a weak box (score < ``high``, ByteTrack's second stage)
+    continued the track gets it too when that box does not fit (IoU < ``fit_iou`` with the
+    interpolation: a partial view of an occluded object, or a neighbour's box), and the weak box
+    loses the id. An id that has no confident box within ``max_gap_s`` is interpolated between
+    its plain observations (gaps only).
+    ``hold_from`` tells a writer which steps may still change: those after the anchor of an id
+    whose latest boxes are missing or weak and that can still be resolved in time, so at most
+    ``max_gap_s`` worth of frames ever wait.
+    """
+
+    def __init__(self, max_gap_s: float, high: float = 0.5, fit_iou: float = 0.5) -> None:
+        self.max_gap_s, self.high, self.fit_iou = max_gap_s, high, fit_iou
+        self._last: dict[int, tuple[int, float, np.ndarray, int]] = {}  # id -> (step, t, xyxy, class)
+        self._anchor: dict[int, tuple[int, float, np.ndarray, int]] = {}  # id -> last confident observation
+        self._weak: dict[int, dict[int, np.ndarray]] = {}  # id -> {step: weak box} since its anchor
+        self._times: deque[tuple[int, float]] = deque()  # (step, t) of the recent steps
+        self._step = -1
+
+    def _fresh(self, obs: tuple[int, float, np.ndarray, int] | None, t: float) -> bool:
+        return obs is not None and t - obs[1] <= self.max_gap_s + 1e-9
+
+    def _fills(self, i: int, a: tuple[int, float, np.ndarray, int], step: int, t: float, b: np.ndarray) -> list[Fill]:
+        s0, t0, b0, c0 = a
+        weak = self._weak.get(i, {})
+        out = []
+        for s, ts in self._times:
+            if s0 < s < step:
+                f = (ts - t0) / (t - t0) if t > t0 else (s - s0) / (step - s0)
+                box = (1 - f) * b0 + f * b
+                w = weak.get(s)
+                if w is None:
+                    out.append(Fill(s, i, box, c0))
+                elif box_iou(w, box) < self.fit_iou:
+                    out.append(Fill(s, i, box, c0, replaces=True))
+        return out
+
+    def update(self, step: int, t: float, ids: np.ndarray, xyxy: np.ndarray, cls: np.ndarray,
+               scores: np.ndarray | None = None) -> list[Fill]:
+        """Step ``step`` at time ``t`` with (N,) published ids (-1: none), (N, 4) boxes, (N,)
+        classes, (N,) scores -> the fills of earlier steps of the ids seen now."""
+        self._step = step
+        fills: list[Fill] = []
+        if self.max_gap_s <= 0:
+            return fills
+        self._times.append((step, t))
+        while self._times and t - self._times[0][1] > self.max_gap_s + 1e-9:
+            self._times.popleft()
+        for k, (i, b, c) in enumerate(zip(ids, xyxy, cls)):
+            i = int(i)
+            if i < 0:
+                continue
+            b = np.asarray(b, np.float64)
+            obs = (step, t, b, int(c))
+            confident = scores is None or float(scores[k]) >= self.high
+            anchor = self._anchor.get(i)
+            if confident:
+                a = anchor if self._fresh(anchor, t) else self._last.get(i)
+                if self._fresh(a, t) and step - a[0] > 1:
+                    fills += self._fills(i, a, step, t, b)
+                self._anchor[i] = obs
+                self._weak.pop(i, None)
+            elif self._fresh(anchor, t):
+                self._weak.setdefault(i, {})[step] = b  # decided when the next confident box comes
+            else:
+                last = self._last.get(i)
+                if self._fresh(last, t) and step - last[0] > 1:
+                    fills += self._fills(i, last, step, t, b)
+            self._last[i] = obs
+        for i in [i for i, v in self._last.items() if not self._fresh(v, t)]:
+            del self._last[i]  # lost for too long: nothing of it can be filled any more
+        for i in [i for i, v in self._anchor.items() if not self._fresh(v, t)]:
+            del self._anchor[i]
+            self._weak.pop(i, None)
+        return fills
+
+    def forget(self, ids: list[int]) -> None:
+        """Ids that ended (they never come back): nothing waits for them any more."""
+        for i in ids:
+            self._last.pop(i, None)
+            self._anchor.pop(i, None)
+            self._weak.pop(i, None)
+
+    def hold_from(self) -> int:
+        """The first step that a later ``update`` may still fill (the current step + 1 when none)."""
+        waiting = [a[0] + 1 for a in self._anchor.values() if a[0] < self._step]
+        waiting += [v[0] + 1 for i, v in self._last.items() if v[0] < self._step and i not in self._anchor]
+        return min(waiting, default=self._step + 1)
+
+
 @dataclass
 class TrackEvents:
     """What changed at the last ``Tracker.update``: ids seen for the first time, and ids given up
@@ -252,14 +400,17 @@ class Tracker:
         self.fps = fps
         self._inner = make_tracker(self.settings, fps)
         self._relink = Relinker(fps, self.settings.relink_s, self.settings.gate, frame_size, keep_s=self.settings.lost_s)
+        self._fill = GapFiller(self.settings.fill_s, self.settings.high)
         self._seen: set[int] = set()
         self.events = TrackEvents()
+        self.fills: list[Fill] = []
         self._frame = 0
 
     def update(self, dets: sv.Detections, timestamp: float | None = None, frame: np.ndarray | None = None) -> sv.Detections:
         """``frame`` (H, W, 3) BGR is used by ``botsort`` only (camera-motion compensation)."""
         s = self.settings
         t = self._frame / self.fps if timestamp is None else float(timestamp)
+        step = self._frame
         self._frame += 1
         scores = dets.confidence if dets.confidence is not None else np.ones(len(dets), np.float32)
         dets = dets[suppress_duplicates(dets.xyxy, scores, s.nms_iou)]
@@ -279,7 +430,14 @@ class Tracker:
         started = sorted({int(i) for i in out.tracker_id if i >= 0} - self._seen)
         self._seen.update(started)
         self.events = TrackEvents(started, sorted(self._relink.expire(t)))
+        self.fills = self._fill.update(step, t, out.tracker_id, out.xyxy, cls, out.confidence)
+        self._fill.forget(self.events.ended)
         return out
+
+    def hold_from(self) -> int:
+        """The first ``update`` step (0-based) that a later update may still add ``fills`` to:
+        output of earlier steps is final."""
+        return self._fill.hold_from()
 
     def finish(self) -> list[int]:
         """End of the stream: the ids not ended yet."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ddetr_cli.engine.track import TrackSettings
+from ddetr_cli.engine.track import TrackSettings, settings_for
 from ddetr_cli.files import atomic_write_text
 from ddetr_cli.formats.mot import TrackFrames, mot_lines, read_video_jsonl
 
@@ -61,12 +61,33 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_iou(a, b)
 
 
+def drop_distractor_matches(gt: np.ndarray, unscored: np.ndarray, distractor: np.ndarray, ids: np.ndarray, boxes: np.ndarray,
+                            iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """MOT17's preprocessing (TrackEval's): track boxes (K, 4) are matched (Hungarian, IoU >=
+    ``iou``) to every ground-truth row of the frame, the scored ``gt`` (G, 4) and the
+    ``unscored`` (M, 4) alike; those matched to a row flagged in ``distractor`` (M,) are removed:
+    they are neither hits nor false positives."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not distractor.any() or len(boxes) == 0:
+        return ids, boxes
+    allgt = np.vstack([gt.reshape(-1, 4), unscored.reshape(-1, 4)])
+    sim = _iou(allgt, boxes)
+    sim[sim < iou - 1e-10] = 0.0
+    r, c = linear_sum_assignment(-sim)
+    is_distractor = np.concatenate([np.zeros(len(gt), bool), distractor])
+    drop = {int(j) for i, j in zip(r, c) if sim[i, j] > 1e-10 and is_distractor[i]}
+    keep = np.array([k not in drop for k in range(len(boxes))], bool)
+    return np.asarray(ids)[keep], boxes[keep]
+
+
 def score_tracks(truth: TrackFrames, tracks: TrackFrames, iou: float = 0.5) -> dict[str, Any]:
     """Metrics of ``tracks`` against ``truth`` over the frames both cover.
 
     Frames: ``tracks.processed`` (else every truth frame) within ``truth.processed`` (else every
-    truth frame with boxes). Returns {"IDF1", "HOTA", "MOTA", ... (``METRIC_HELP``), "objects",
-    "tracks", "frames", "gt_boxes", "boxes"}; fractions in 0..1, counts as ints.
+    truth frame with boxes). Track boxes on a distractor of ``truth.ignore`` are not scored.
+    Returns {"IDF1", "HOTA", "MOTA", ... (``METRIC_HELP``), "objects", "tracks", "frames",
+    "gt_boxes", "boxes"}; fractions in 0..1, counts as ints.
     """
     from trackers.eval import compute_clear_metrics, compute_hota_metrics, compute_identity_metrics
 
@@ -80,6 +101,8 @@ def score_tracks(truth: TrackFrames, tracks: TrackFrames, iou: float = 0.5) -> d
     for f in frames:
         gi, gb = truth.get(f)
         ti, tb = tracks.get(f)
+        if f in truth.ignore and len(tb):
+            ti, tb = drop_distractor_matches(np.asarray(gb, np.float64), *truth.ignore[f], ti, np.asarray(tb, np.float64))
         g_ids.append(np.array([gmap.setdefault(int(i), len(gmap)) for i in gi], dtype=int))
         t_ids.append(np.array([tmap.setdefault(int(i), len(tmap)) for i in ti], dtype=int))
         sims.append(_iou(np.asarray(gb, np.float64), np.asarray(tb, np.float64)))
@@ -127,7 +150,7 @@ def evaluate_video(detector: Any, source: str | Path, truth: TrackFrames, out_di
     """Track ``source`` (``ddetr video --track --save-json`` into ``out_dir``) and score it."""
     from ddetr_cli.engine.video import run_video
 
-    settings = settings or TrackSettings()
+    settings = settings or settings_for(getattr(detector, "cfg", None))  # the model card's thresholds, else the defaults
     run = run_video(detector, source, out_dir, conf=conf, track=True, track_settings=settings, save_json=True,
                     on_progress=on_progress, **video_kw)
     if run.error:

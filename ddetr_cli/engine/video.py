@@ -40,11 +40,13 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import supervision as sv  # noqa: E402
 
+from ddetr_cli.data.sequence import ImageSequence  # noqa: E402
 from ddetr_cli.data.sources import SourceError  # noqa: E402
 from ddetr_cli.engine.draw import Annotator  # noqa: E402
-from ddetr_cli.engine.track import Tracker, TrackSettings, tracked_output  # noqa: E402
+from ddetr_cli.engine.track import Fill, Tracker, TrackSettings, settings_for, tracked_output  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
+from ddetr_cli.formats.mot import TrackFileError, is_mot_sequence  # noqa: E402
 from ddetr_cli.formats.panoptic import PanopticWriter  # noqa: E402
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
@@ -68,16 +70,17 @@ class SourceSpec:
     """A parsed source argument: ``target`` is a path/URL, or an int for a webcam."""
 
     target: str | int
-    kind: str  # "file" | "webcam" | "stream"
+    kind: str  # "file" | "sequence" (MOTChallenge image folder) | "webcam" | "stream"
     name: str  # stem for output files
 
     @property
     def live(self) -> bool:
-        return self.kind != "file"
+        return self.kind not in ("file", "sequence")
 
 
 def parse_source(source: str | int | Path) -> SourceSpec:
-    """``cam0`` / ``0`` -> webcam 0; ``rtsp://``, ``rtmp://``, ``http(s)://`` ... -> stream; else a file.
+    """``cam0`` / ``0`` -> webcam 0; ``rtsp://``, ``rtmp://``, ``http(s)://`` ... -> stream; a
+    folder with ``seqinfo.ini`` -> a MOTChallenge image sequence; else a file.
 
     Raises SourceError for a path that does not exist.
     """
@@ -93,12 +96,16 @@ def parse_source(source: str | int | Path) -> SourceSpec:
         stem = Path(u.path).stem or u.hostname or "stream"
         return SourceSpec(s, "stream", re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "stream")
     p = Path(s).expanduser()
+    if p.is_dir():
+        if not is_mot_sequence(p):
+            raise SourceError(f"{s}: a folder source must be a MOTChallenge sequence (seqinfo.ini + img1/000001.jpg ...)")
+        return SourceSpec(str(p), "sequence", p.resolve().name)
     if not p.is_file():
         raise SourceError(f"{s}: no such video file (webcams are cam0, cam1, ...; streams need rtsp://, rtmp:// or http(s)://)")
     return SourceSpec(str(p), "file", p.stem)
 
 
-def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = True) -> cv2.VideoCapture:
+def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = True) -> cv2.VideoCapture | ImageSequence:
     """Open ``spec`` with OpenCV; a capture that is not opened is returned as is (caller checks).
 
     Network streams get open/read timeouts so a dead server fails a read instead of hanging.
@@ -112,6 +119,11 @@ def open_capture(spec: SourceSpec, timeout_s: float = 10.0, quiet: bool = True) 
             return open_capture(spec, timeout_s, quiet=False)
         finally:
             cv2.utils.logging.setLogLevel(level)
+    if spec.kind == "sequence":
+        try:
+            return ImageSequence(str(spec.target))
+        except TrackFileError as e:
+            raise SourceError(str(e)) from None
     if spec.kind == "webcam":
         cap = cv2.VideoCapture(int(spec.target))
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # a deep driver queue is latency in latest-frame mode
@@ -131,14 +143,14 @@ class VideoInfo:
     frames: int | None
 
 
-def probe(cap: cv2.VideoCapture, spec: SourceSpec) -> VideoInfo:
+def probe(cap: cv2.VideoCapture | ImageSequence, spec: SourceSpec) -> VideoInfo:
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     # streams report 0, NaN or the 90 kHz clock; a sane default keeps writer and tracker working
     if not (math.isfinite(fps) and 1.0 <= fps <= 240.0):
         fps = 30.0
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     return VideoInfo(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), fps,
-                     n if spec.kind == "file" and n > 0 else None)
+                     n if not spec.live and n > 0 else None)
 
 
 @dataclass
@@ -395,6 +407,35 @@ def detections_to_records(dets: sv.Detections, labels: LabelTable,
     return out
 
 
+def add_fills(pending: Sequence[tuple[int, dict]], fills: Sequence[Fill], labels: LabelTable, conf: float) -> int:
+    """Add the tracker's interpolated boxes to the waiting JSON line records of their steps
+    (``pending``: (tracker step, record)); returns how many were added. Each is marked
+    ``"interpolated": true`` and has no score: it is the track's estimate, not a detection. A
+    fill that ``replaces`` a weak box takes its id: the box stays as an untracked detection if it
+    scores at least ``conf`` (what is drawn and saved), else it goes (it was kept for the track)."""
+    by_step = {st: rec for st, rec in pending}
+    n = 0
+    for f in fills:
+        rec = by_step.get(f.step)
+        if rec is None:  # cannot happen while the writer honours Tracker.hold_from
+            continue
+        if f.replaces:
+            dets = []
+            for d in rec["detections"]:
+                if d.get("track_id") == f.track_id and not d.get("interpolated"):
+                    if d["score"] < conf:
+                        continue
+                    d = dict(d, track_id=None)
+                dets.append(d)
+            rec["detections"] = dets
+        cat = labels.get(f.class_id)
+        rec["detections"].append({"box": [round(float(v), 2) for v in f.xyxy], "score": None, "label": f.class_id,
+                                  "category_id": cat.id if cat else None, "class": labels.name(f.class_id),
+                                  "track_id": f.track_id, "interpolated": True})
+        n += 1
+    return n
+
+
 class JsonlWriter:
     """One JSON object per processed frame, flushed per line so a killed run leaves valid lines."""
 
@@ -515,6 +556,7 @@ class VideoResult:
     reconnects: int = 0
     detections: int = 0
     tracks: int = 0
+    interpolated: int = 0  # --track: boxes filled into short gaps of tracks (JSON lines only; not detections)
     seconds: float = 0.0
     width: int = 0
     height: int = 0
@@ -593,7 +635,8 @@ class VideoPipeline:
         if self.latest:
             self.batch = 1  # batching would mean waiting for stale frames
         self.track, self.show, self.save, self.save_json, self.codec = track, show, save, save_json, codec
-        self.track_settings = track_settings or TrackSettings()
+        # None: the model card's thresholds (``ModelConfig.track_high/low``), else the defaults
+        self.track_settings = track_settings or settings_for(getattr(detector, "cfg", None))
         # the tracker wants every detection down to its low threshold; ``conf`` still decides
         # which untracked ones are drawn and saved (``track.tracked_output``)
         self.infer_conf = min(conf, self.track_settings.low) if track else conf
@@ -663,7 +706,8 @@ class VideoPipeline:
         cap = open_capture(spec, timeout_s=self.read_timeout)
         if not cap.isOpened():
             cap.release()
-            what = {"file": "cannot decode video file", "webcam": "cannot open webcam", "stream": "cannot open stream"}[spec.kind]
+            what = {"file": "cannot decode video file", "sequence": "cannot read the sequence", "webcam": "cannot open webcam",
+                    "stream": "cannot open stream"}[spec.kind]
             raise SourceError(f"{spec.target}: {what}")
         info = probe(cap, spec)
         if self.batch is None:  # files: as many frames per pass as the detector batches by default
@@ -688,7 +732,12 @@ class VideoPipeline:
         annotator = Annotator(labels)
         tracker = Tracker(fps=out_fps, settings=self.track_settings, frame_size=(info.width, info.height)) if self.track else None
         last_frame: dict[int, int] = {}  # track id -> last frame index it was output in
-        pending: dict | None = None  # tracking: a frame's JSON line waits one frame, for the ids that end with the stream
+        # tracking: JSON lines wait, as (tracker step, record), until no fill can reach them (at
+        # most TrackSettings.fill_s of frames), and the newest one frame more, for the ids that end
+        # with the stream
+        pending: deque[tuple[int, dict]] = deque()
+        step = -1
+        interpolated = 0
         display: Display | None = None
         if self.show:
             try:
@@ -718,6 +767,7 @@ class VideoPipeline:
                 events: list[dict] = []
                 if tracker is not None:
                     dets = tracked_output(tracker.update(dets, timestamp=frame.time, frame=frame.image), self.conf)
+                    step += 1
                     ev = tracker.events
                     events = [{"id": i, "event": "start"} for i in ev.started]
                     events += [{"id": i, "event": "end", "last_frame": last_frame[i]} for i in ev.ended if i in last_frame]
@@ -750,9 +800,11 @@ class VideoPipeline:
                         jsonl.write(rec)
                     else:
                         rec["track_events"] = events
-                        if pending is not None:
-                            jsonl.write(pending)
-                        pending = rec
+                        interpolated += add_fills(pending, tracker.fills, labels, self.conf)
+                        pending.append((step, rec))
+                        hold = tracker.hold_from()
+                        while len(pending) > 1 and pending[0][0] < hold:
+                            jsonl.write(pending.popleft()[1])
                 now = time.perf_counter()
                 recent.append(now)
                 stats.frames += 1
@@ -778,10 +830,11 @@ class VideoPipeline:
                     writer.close()
             finally:
                 if jsonl is not None:
-                    if pending is not None and tracker is not None:
-                        pending["track_events"] += [{"id": i, "event": "end", "last_frame": last_frame[i]}
-                                                    for i in tracker.finish() if i in last_frame]
-                        jsonl.write(pending)
+                    if pending and tracker is not None:
+                        pending[-1][1]["track_events"] += [{"id": i, "event": "end", "last_frame": last_frame[i]}
+                                                           for i in tracker.finish() if i in last_frame]
+                    while pending:
+                        jsonl.write(pending.popleft()[1])
                     jsonl.close()
                 if pan is not None:
                     pan.write(Path(res.outputs["panoptic"]), {"description": "ddetr video panoptic segment maps",
@@ -797,7 +850,7 @@ class VideoPipeline:
         if reader.error is not None:
             raise reader.error
         res.frames, res.read, res.dropped, res.reconnects = stats.frames, reader.read, self._frames.dropped, reader.reconnects
-        res.detections, res.tracks = stats.detections, len(last_frame)
+        res.detections, res.tracks, res.interpolated = stats.detections, len(last_frame), interpolated
         res.seconds = time.perf_counter() - t0
         res.stopped = self.stop_reason or "end"
         if reader.failure and self.stop_reason is None:

@@ -65,6 +65,10 @@ class ModelConfig:
     two_stage: bool = False
     # short side the model was trained at: the default input size of detect/video/eval
     imgsz: int = 800
+    # tracking thresholds measured for this model (the defaults of --track-high / --track-low;
+    # None: engine.track.TrackSettings' own). A model's scores set them: DETRs score flatter than YOLOs
+    track_high: float | None = None
+    track_low: float | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -96,6 +100,12 @@ class ModelConfig:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if self.category_ids and len(self.category_ids) != self.num_classes:
             raise ValueError(f"{len(self.category_ids)} category ids for {self.num_classes} classes")
+        for name in ("track_high", "track_low"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in 0..1, got {v}")
+        if self.track_high is not None and self.track_low is not None and self.track_low > self.track_high:
+            raise ValueError(f"track_low ({self.track_low}) must not be above track_high ({self.track_high})")
 
     def _check_detr(self) -> None:
         if self.backbone != "resnet":

@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -237,4 +238,27 @@ def save_model(model: torch.nn.Module, path: str | Path, extra_meta: dict[str, s
     meta = {FORMAT_KEY: json.dumps(model.cfg.to_dict()), "ddetr_format_version": FORMAT_VERSION, **(extra_meta or {})}
     with atomic_path(p) as tmp:
         save_file(canonical_state_dict(model), str(tmp), metadata=meta)
+    return p
+
+
+def update_config(path: str | Path, **fields: Any) -> Path:
+    """Set model config fields (e.g. ``track_high=0.5``) in a ddetr ``.safetensors`` file's
+    metadata without touching its tensors: the JSON header is rewritten and the data section
+    after it is copied byte for byte (the offsets in the header are relative to it). The new
+    config is validated (``ModelConfig``) before the file is replaced, atomically."""
+    p = Path(path)
+    if detect_layout(p) != "ddetr":
+        raise WeightsError(f"{p}: only ddetr .safetensors files carry a model config to update")
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    meta = header["__metadata__"]
+    cfg = {**json.loads(meta[FORMAT_KEY]), **fields}
+    ModelConfig.from_dict(cfg)  # unknown keys or bad values fail here, before anything is written
+    meta[FORMAT_KEY] = json.dumps(cfg)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
     return p

@@ -221,6 +221,12 @@ def test_eval_track_bundled_clip_with_demo_model(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout[r.stdout.index("{"):])["metrics"]
     assert m["IDF1"] >= 0.9 and m["IDSW"] == 0 and m["tracks"] == m["objects"] == 5, m
+    # every object mostly tracked: the detector misses two of them for up to a second under the
+    # others, and the interpolated boxes of those gaps (marked as such) carry them over 80%
+    assert m["MT"] == 5, m
+    lines = [json.loads(x) for x in (out / "clip.jsonl").read_text().splitlines()]
+    filled = [d for x in lines for d in x["detections"] if d.get("interpolated")]
+    assert filled and all(d["score"] is None and d["track_id"] is not None for d in filled)
     # the same numbers from motmetrics, on the run's own JSON lines
     from ddetr_cli.formats.mot import read_truth
 
@@ -230,3 +236,118 @@ def test_eval_track_bundled_clip_with_demo_model(tmp_path: Path) -> None:
     r2 = CliRunner().invoke(app, ["eval", str(out / "clip.jsonl"), "--track", "--gt", str(ROOT / "examples" / "clip.json"), "--json"])
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout[r2.stdout.index("{"):])["metrics"] == m
+
+
+def square(f: int) -> np.ndarray:
+    """The box of a square moving 3 px right per frame, (4,) xyxy."""
+    return np.array([10 + 3 * f, 20, 40 + 3 * f, 50], np.float32)
+
+
+def one_box(f: int, missed: bool) -> sv.Detections:
+    box = np.zeros((0, 4), np.float32) if missed else square(f)[None]
+    return sv.Detections(xyxy=box, confidence=np.full(len(box), 0.9, np.float32), class_id=np.zeros(len(box), int))
+
+
+def test_gap_filler_interpolates_between_the_two_observations() -> None:
+    # missed for frames 5-8 at 12 fps (0.33 s), found again at 9: the four frames get the straight-line boxes
+    tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=0.5))
+    fills, holds, ids = [], [], set()
+    for f in range(16):
+        out = tracker.update(one_box(f, 5 <= f < 9), timestamp=f / 12)
+        ids.update(int(i) for i in out.tracker_id)
+        fills += tracker.fills
+        holds.append(tracker.hold_from())
+    assert ids == {1}
+    assert [x.step for x in fills] == [5, 6, 7, 8] and {x.track_id for x in fills} == {1}
+    for x in fills:
+        np.testing.assert_allclose(x.xyxy, square(x.step), atol=1e-4)
+    # while the square is missing, output from frame 5 on may still be filled; once it is back, nothing waits
+    assert holds[:5] == [1, 2, 3, 4, 5] and holds[5:9] == [5] * 4 and holds[9:] == list(range(10, 17))
+
+    # dropped frames: timestamps, not steps, place the boxes (frames 6-8 of a stream that lost 5 and 7)
+    tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=0.5))
+    times = [0, 1, 2, 3, 4, 6, 8, 9, 10]
+    got = []
+    for step, f in enumerate(times):
+        tracker.update(one_box(f, f in (6, 8)), timestamp=f / 12)
+        got += [(times[x.step], x.xyxy) for x in tracker.fills]
+    assert [g[0] for g in got] == [6, 8]
+    for f, b in got:
+        np.testing.assert_allclose(b, square(f), atol=1e-4)
+
+    # weak boxes (below high, kept by the second stage) between confident ones: one on the square's
+    # line stays, one that does not fit its motion (a partial view, a neighbour's box) is replaced
+    tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=0.5, high=0.5, low=0.1))
+    fills = []
+    for f in range(12):
+        d = one_box(f, False)
+        if f in (5, 6):
+            d.confidence[:] = 0.3
+        if f == 6:
+            d.xyxy[0] += np.array([12, 0, 0, 0], np.float32)  # the left part is hidden: IoU 0.6 with the square
+        if f == 7:
+            d.confidence[:] = 0.3
+            d.xyxy[0] = square(f) + np.array([17, 0, 0, 0], np.float32)  # IoU 0.43: most of it hidden
+        out = tracker.update(d, timestamp=f / 12)
+        assert list(out.tracker_id) == [1]
+        fills += tracker.fills
+    assert [(x.step, x.replaces) for x in fills] == [(7, True)]
+    np.testing.assert_allclose(fills[0].xyxy, square(7), atol=1e-4)
+
+    # a miss longer than fill_s is not filled (the id survives it), and nothing waits for it any more
+    for fill_s in (0.25, 0.0):
+        tracker = Tracker(fps=12.0, settings=TrackSettings(fill_s=fill_s))
+        fills, ids = [], set()
+        for f in range(16):
+            out = tracker.update(one_box(f, 5 <= f < 9), timestamp=f / 12)
+            ids.update(int(i) for i in out.tracker_id)
+            fills += tracker.fills
+            assert tracker.hold_from() >= f + 1 - (3 if fill_s else 0)
+        assert not fills and ids == {1} and tracker.hold_from() == 16
+
+
+class Mover:
+    """A detector stand-in: ``square``, missed in the frames of ``miss``."""
+
+    labels = LabelTable.from_names(["square"])
+
+    def __init__(self, miss: range) -> None:
+        self.n, self.miss = 0, miss
+
+    def predict_arrays(self, images, conf=0.3, max_det=100, classes=None):
+        out = []
+        for _ in images:
+            out.append(one_box(self.n, self.n in self.miss))
+            self.n += 1
+        return out
+
+
+@pytest.mark.parametrize("miss, fill_s", [(range(6, 10), 1.0), (range(6, 10), 0.0), (range(6, 30), 1.0)])
+def test_video_jsonl_marks_interpolated_boxes_and_waits_boundedly(tmp_path: Path, miss: range, fill_s: float) -> None:
+    src = tmp_path / "c.mp4"
+    synth.make_clip(src, frames=30, size=(96, 64), fps=12, seed=1)
+    jsonl = tmp_path / "run" / "c.jsonl"
+    lags = []
+
+    def on_frame(fr) -> None:  # lines on disk vs frames processed, while the run goes on
+        lags.append(fr.frame.index + 1 - len(jsonl.read_text().splitlines()))
+
+    res = run_video(Mover(miss), src, tmp_path / "run", save_json=True, track=True, conf=0.3, on_frame=on_frame,
+                    track_settings=TrackSettings(fill_s=fill_s), handle_signals=False)
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["frame"] for r in recs] == list(range(30))  # every frame, in order, once
+    filled = [(r["frame"], d) for r in recs for d in r["detections"] if d.get("interpolated")]
+    detected = [d for r in recs for d in r["detections"] if not d.get("interpolated")]
+    assert len(detected) == res.detections == 30 - len(miss)  # fills are not detections
+    assert res.interpolated == len(filled)
+    if fill_s and len(miss) == 4:
+        assert [f for f, _ in filled] == list(miss)
+        for f, d in filled:
+            assert d["track_id"] == 1 and d["score"] is None and d["class"] == "square"
+            np.testing.assert_allclose(d["box"], square(f), atol=0.01)
+        assert max(lags) >= 3  # the lines of the gap waited for the square to come back
+    else:
+        assert not filled
+    # at most fill_s worth of frames (12 fps), plus the one line that waits for end events
+    assert max(lags) <= int(np.ceil(fill_s * 12)) + 1, lags
+    assert read_video_jsonl(jsonl).boxes == 30 - len(miss) + len(filled)  # eval --track scores the fills too

@@ -42,12 +42,13 @@ def starting_model(labels: LabelTable, opts: FinetuneOptions) -> tuple[Deformabl
     From pretrained weights everything is kept; the class heads are re-initialised when the
     dataset's class names (in order) differ from the checkpoint's. The config records the
     dataset's category ids (so pre-labels carry them) and ``imgsz`` (the default input size of
-    the fine-tuned model downstream).
+    the fine-tuned model downstream). Tracking thresholds measured for the starting model are
+    dropped: training changes the scores they were chosen for.
     """
     model, source = _starting_model(labels.names, opts)
     # Same architecture, only the recorded ids and input size change: safe to swap the config.
     model.cfg = dataclasses.replace(model.cfg, imgsz=opts.imgsz, category_ids=[c.id for c in labels],
-                                    stuff_ids=[c.id for c in labels if not c.isthing])
+                                    stuff_ids=[c.id for c in labels if not c.isthing], track_high=None, track_low=None)
     return model, source
 
 
