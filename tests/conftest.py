@@ -97,6 +97,24 @@ def start_serve(tmp_path):
                 proc.wait()
 
 
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """spy(detector) -> a list that collects the number of images of each ``predict_arrays`` call."""
+
+    def spy(det) -> list[int]:
+        calls: list[int] = []
+        forward = det.predict_arrays
+
+        def counted(arrays, *a, **kw):
+            calls.append(len(arrays))
+            return forward(arrays, *a, **kw)
+
+        monkeypatch.setattr(det, "predict_arrays", counted)
+        return calls
+
+    return spy
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Registry and converted weights go to a per-test folder, never the user's cache; the

@@ -179,14 +179,20 @@ def mot_lines(frames: Mapping[int, tuple[np.ndarray, np.ndarray]], scores: Mappi
     """Tracks (0-based frames, xyxy px) as MOTChallenge result rows (1-based frames and pixels;
     ``conf`` = the score, or 1)."""
     out = []
+    for f, k, i, left, top, w, h in _rows(frames):
+        c = float(scores[f][k]) if scores and scores.get(f) is not None else 1.0
+        out.append(f"{f + 1},{i},{left:.2f},{top:.2f},{w:.2f},{h:.2f},{c:.4f},-1,-1,-1")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def _rows(frames: Mapping[int, tuple[np.ndarray, np.ndarray]]):
+    """Tracks (0-based frames, xyxy px) -> (frame, index in frame, id, left, top, width, height)
+    per box, frames in order, left/top 1-based as MOTChallenge counts pixels."""
     for f in sorted(frames):
         ids, boxes = frames[f]
-        sc = scores.get(f) if scores else None
         for k, (i, b) in enumerate(zip(ids, boxes)):
             x1, y1, x2, y2 = (float(v) for v in b)
-            c = float(sc[k]) if sc is not None else 1.0
-            out.append(f"{f + 1},{int(i)},{x1 + 1:.2f},{y1 + 1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{c:.4f},-1,-1,-1")
-    return "\n".join(out) + ("\n" if out else "")
+            yield f, k, int(i), x1 + 1, y1 + 1, x2 - x1, y2 - y1
 
 
 # -- MOTChallenge sequence folders ---------------------------------------------------------------
@@ -253,13 +259,9 @@ def gt_lines(frames: Mapping[int, tuple[np.ndarray, np.ndarray]], visibility: Ma
     """Ground truth (0-based frames, xyxy px) as MOTChallenge ``gt.txt`` rows: 1-based frames and
     pixels, consider flag 1, class ``cls`` (1: the scored target class), visibility (default 1)."""
     out = []
-    for f in sorted(frames):
-        ids, boxes = frames[f]
-        vis = visibility.get(f) if visibility else None
-        for k, (i, b) in enumerate(zip(ids, boxes)):
-            x1, y1, x2, y2 = (float(v) for v in b)
-            v = float(vis[k]) if vis is not None else 1.0
-            out.append(f"{f + 1},{int(i)},{x1 + 1:g},{y1 + 1:g},{x2 - x1:g},{y2 - y1:g},1,{cls},{v:.4f}")
+    for f, k, i, left, top, w, h in _rows(frames):
+        v = float(visibility[f][k]) if visibility and visibility.get(f) is not None else 1.0
+        out.append(f"{f + 1},{i},{left:g},{top:g},{w:g},{h:g},1,{cls},{v:.4f}")
     return "\n".join(out) + ("\n" if out else "")
 
 

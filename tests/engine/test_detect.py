@@ -195,7 +195,7 @@ def test_ctrl_c_leaves_valid_incomplete_json(sig, tmp_path, tiny_model_path):
     assert pred["info"]["images_processed"] == len(pred["images"])
 
 
-def test_default_batches_same_shape_images_unpadded(tmp_path, monkeypatch):
+def test_default_batches_same_shape_images_unpadded(tmp_path, batch_sizes):
     """Default batching: consecutive images the model sees at one shape go through together,
     never padded, so every image gets the detections of a batch-1 run; a different shape starts
     a new batch. The demo model on real shape pictures (examples/images) rescaled to sizes."""
@@ -211,14 +211,7 @@ def test_default_batches_same_shape_images_unpadded(tmp_path, monkeypatch):
         cv2.imwrite(str(folder / f"im{i}.png"), img)
     det = Detector.from_pretrained("demo", device="cpu")
     assert det.auto_batch(det.input_shape(480, 640)) >= 4 and det.auto_batch((800, 1066)) == 1
-    calls: list[int] = []
-    forward = det.predict_arrays
-
-    def spy(arrays, *a, **kw):
-        calls.append(len(arrays))
-        return forward(arrays, *a, **kw)
-
-    monkeypatch.setattr(det, "predict_arrays", spy)
+    calls = batch_sizes(det)
     run_detect(det, [str(folder)], tmp_path / "auto", save_images=False)
     assert calls == [4, 1, 2]
     calls.clear()

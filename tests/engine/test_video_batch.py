@@ -14,16 +14,9 @@ from ddetr_cli.engine.video import VideoPipeline
 CLIP = Path(__file__).resolve().parents[2] / "examples" / "clip.mp4"
 
 
-def test_video_file_batches_frames_by_default(tmp_path, monkeypatch):
+def test_video_file_batches_frames_by_default(tmp_path, batch_sizes):
     det = Detector.from_pretrained("demo", device="cpu")
-    calls: list[int] = []
-    forward = det.predict_arrays
-
-    def spy(arrays, *a, **kw):
-        calls.append(len(arrays))
-        return forward(arrays, *a, **kw)
-
-    monkeypatch.setattr(det, "predict_arrays", spy)
+    calls = batch_sizes(det)
     lines = {}
     for name, batch in (("auto", None), ("one", 1)):
         calls.clear()
