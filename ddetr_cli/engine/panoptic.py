@@ -3,7 +3,7 @@ one segment (``ddetr detect --panoptic``, ``video --panoptic``, ``eval --panopti
 
 The rule is the reference post-processing as transformers' ``post_process_panoptic_segmentation``
 has it: queries whose best class (softmax over C+1) is a real class scoring above ``threshold``
-are kept; their mask probabilities (sigmoid), resized to the image and weighted by the score,
+are kept (Deformable DETR, without a "no object" class: whose best sigmoid class score is); their mask probabilities (sigmoid), resized to the image and weighted by the score,
 compete per pixel (argmax); a query keeps the pixels it won only if they are more than
 ``overlap`` of its own mask (probability >= ``mask_threshold``), which drops fragments of
 masks buried under others; every query of one stuff class joins a single segment.
@@ -54,20 +54,26 @@ def merge_panoptic(
     mask_threshold: float = MASK_THRESHOLD,
     overlap: float = OVERLAP_THRESHOLD,
     classes: Sequence[int] | None = None,
+    no_object: bool = True,
 ) -> Panoptic:
     """One image's DETR outputs -> its panoptic segmentation (see the module docstring).
 
-    logits (Q, C+1) with "no object" last; masks (Q, h, w) mask logits over the padded input of
+    logits (Q, C+1) with "no object" last (DETR, softmax) or, with ``no_object=False``, (Q, C)
+    sigmoid logits (Deformable DETR: a query's score is its best class's probability); masks (Q, h, w) mask logits over the padded input of
     size ``padded_hw`` (default: the image fills it) whose resized image is ``valid_hw``; ``size``
     the original (H, W). ``classes``: only these labels may form segments. -> ``Panoptic`` with a
     (H, W) int32 map (segment ids 1, 2, ...; 0 = no segment) and its segments in id order.
     """
     h, w = size
-    scores, labels = logits.float().softmax(-1).max(-1)
-    keep = (labels != logits.shape[-1] - 1) & (scores > threshold)
+    num_classes = logits.shape[-1] - (1 if no_object else 0)
+    if no_object:
+        scores, labels = logits.float().softmax(-1).max(-1)
+    else:
+        scores, labels = logits.float().sigmoid().max(-1)
+    keep = (labels < num_classes) & (scores > threshold)
     if classes is not None:
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        allowed[[c for c in classes if 0 <= c < logits.shape[-1] - 1]] = True
+        allowed[[c for c in classes if 0 <= c < num_classes]] = True
         keep &= allowed[labels]
     idx = torch.nonzero(keep).flatten()
     if idx.numel() == 0:
