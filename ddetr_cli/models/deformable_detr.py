@@ -21,7 +21,7 @@ from ddetr_cli.models.backbone import ResNet
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.fusion import optimize_for_inference
 from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
-from ddetr_cli.models.masks import MaskHead, MaskHeadMixin, MHAttentionMap
+from ddetr_cli.models.masks import MaskHead, MaskHeadMixin, MaskSource, MHAttentionMap
 from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
 from ddetr_cli.ops.msda import ms_deform_attn
 
@@ -187,7 +187,8 @@ class DeformableDETR(MaskHeadMixin, nn.Module):
     ``logits`` (B, Q, num_classes), ``boxes`` (B, Q, 4) cxcywh in [0, 1], ``aux`` (list of the
     earlier decoder layers' {logits, boxes}), for two-stage, ``enc`` {logits (B, S, C),
     boxes (B, S, 4)} of the encoder proposals and, with the mask head (``cfg.masks``), ``masks``
-    (B, Q, H/4, W/4) mask logits over the padded input.
+    (B, Q, H/4, W/4) mask logits over the padded input (in training ``mask_source``, a
+    ``masks.MaskSource`` that computes the masks of the queries the loss matched).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -451,7 +452,13 @@ class DeformableDETR(MaskHeadMixin, nn.Module):
             h, w = shapes[lvl]
             start = int(level_start[lvl])
             level_memory = memory[:, start : start + h * w].transpose(1, 2).reshape(b, -1, h, w)
-            attn = self.bbox_attention(tgt.to(level_memory.dtype), level_memory, masks[lvl])
-            seg = self.mask_head(srcs[lvl], attn, [stages[2], stages[1], stages[0]])
-            out["masks"] = seg.view(b, tgt.shape[1], *seg.shape[-2:])
+            queries = tgt.to(level_memory.dtype)
+            fpns = [stages[2], stages[1], stages[0]]
+            if self.training:
+                # the loss needs the matched queries' masks only (a few of Q): it asks for them
+                out["mask_source"] = MaskSource(self, queries, level_memory, masks[lvl], srcs[lvl], fpns)
+            else:
+                attn = self.bbox_attention(queries, level_memory, masks[lvl])
+                seg = self.mask_head(srcs[lvl], attn, fpns)
+                out["masks"] = seg.view(b, tgt.shape[1], *seg.shape[-2:])
         return out

@@ -121,3 +121,28 @@ class MaskHeadMixin:
         if not self.cfg.masks:  # type: ignore[attr-defined]
             return False
         return not self.training or any(p.requires_grad for p in self.mask_head.parameters())  # type: ignore[attr-defined]
+
+
+class MaskSource:
+    """The mask head's inputs of one training batch, run for chosen queries only: the loss needs
+    the masks of the matched queries (a few per image), and the head's convolutions at stride 4
+    cost per query, so computing all Q of them would spend most of a mask step on masks no loss
+    term reads. Every query's mask depends on its own embedding only (the head mixes no queries),
+    so a subset's masks equal those rows of the full output.
+
+    queries (B, Q, C); memory (B, C, h, w); padding_mask (B, h, w); features (B, C, h, w);
+    fpns [C4, C3, C2] of the backbone."""
+
+    def __init__(self, model: MaskHeadMixin, queries: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor,
+                 features: torch.Tensor, fpns: list[torch.Tensor]) -> None:
+        self.model, self.queries, self.memory, self.padding_mask = model, queries, memory, padding_mask
+        self.features, self.fpns = features, fpns
+
+    def __call__(self, b: int, query_idx: torch.Tensor) -> torch.Tensor:
+        """Image ``b``'s masks of the queries ``query_idx`` (K,) -> (K, H/4, W/4) mask logits."""
+        if not len(query_idx):
+            return self.queries.new_zeros(0, *self.fpns[-1].shape[-2:])
+        one = slice(b, b + 1)
+        q = self.queries[one, query_idx.to(self.queries.device)]
+        attn = self.model.bbox_attention(q, self.memory[one], self.padding_mask[one])
+        return self.model.mask_head(self.features[one], attn, [f[one] for f in self.fpns])[:, 0]
