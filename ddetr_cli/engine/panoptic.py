@@ -3,7 +3,8 @@ one segment (``ddetr detect --panoptic``, ``video --panoptic``, ``eval --panopti
 
 The rule is the reference post-processing as transformers' ``post_process_panoptic_segmentation``
 has it: queries whose best class (softmax over C+1) is a real class scoring above ``threshold``
-are kept (Deformable DETR, without a "no object" class: whose best sigmoid class score is); their mask probabilities (sigmoid), resized to the image and weighted by the score,
+are kept (Deformable DETR, without a "no object" class: those whose best sigmoid class
+score is); their mask probabilities (sigmoid), resized to the image and weighted by the score,
 compete per pixel (argmax); a query keeps the pixels it won only if they are more than
 ``overlap`` of its own mask (probability >= ``mask_threshold``), which drops fragments of
 masks buried under others; every query of one stuff class joins a single segment.

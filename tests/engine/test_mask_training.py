@@ -115,7 +115,6 @@ def test_mask_head_on_the_demo_detector_trains_alone(tmp_path):
     mask head is added and trained (mask + dice fall from the first epoch to the last), and every
     tensor of the detector stays bit-identical to the demo file's."""
     from ddetr_cli.engine.trainer import finetune
-    from ddetr_cli.models.masks import MASK_HEAD_PREFIXES
     from ddetr_cli.weights.load import load_model, read_weights
 
     data = ROOT / "examples" / "data" / "coco"
