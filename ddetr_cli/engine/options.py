@@ -44,7 +44,8 @@ class FinetuneOptions:
     variant: str = option("multi-scale", "With --scratch: single-scale, single-scale-dc5, multi-scale, box-refine, "
                           "two-stage, detr, detr-dc5.")
     arch: list[str] = option([], "For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, "
-                             "e.g. backbone_depth=18 d_model=128 vit_depth=4 (repeatable).")
+                             "e.g. backbone_depth=18 d_model=128 vit_depth=4 (repeatable). With a pretrained "
+                             "ResNet model: only masks=true, which adds a new mask head (train it with --freeze-boxes).")
     # "vit-small"/"vit-base": a new model on that backbone unless ``model`` is one; None/"resnet":
     # the model as given. A pretrained ``model`` must have this backbone.
     backbone: str | None = option(None, "vit-small or vit-base: a new model on a ViT backbone (unless --model is a "
@@ -109,9 +110,9 @@ class FinetuneOptions:
                 raise FinetuneError(f"--name: {e}") from None
         if self.backbone is not None and self.backbone not in BACKBONES:
             raise FinetuneError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.arch and not self.new_model:
+        if self.arch and not self.new_model and set(parse_arch(self.arch)) != {"masks"}:
             raise FinetuneError("--arch only applies to a new model, with --scratch or --backbone vit-* "
-                                "(a pretrained model fixes the architecture)")
+                                "(a pretrained model fixes the architecture; it can only gain a mask head: --arch masks=true)")
         if self.backbone_weights and not (self.new_model and self.backbone in VIT_SIZES):
             raise FinetuneError("--backbone-weights applies to a new ViT-backbone model: give --backbone "
                                 f"{'|'.join(VIT_SIZES)} and no --model")

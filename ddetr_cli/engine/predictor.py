@@ -304,7 +304,7 @@ class Detector:
             valid_hw = (int(valid[:, 0].sum()), int(valid[0, :].sum()))
             res.append(merge_panoptic(out["logits"][i], out["masks"][i], tuple(size), stuff,
                                       padded_hw=tuple(pad_mask.shape[-2:]), valid_hw=valid_hw,
-                                      threshold=threshold, classes=classes))
+                                      threshold=threshold, classes=classes, no_object=self.cfg.arch == "detr"))
         return res
 
     def panoptic_arrays(

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ddetr_cli.formats.labels import LabelTable
+from ddetr_cli.models.masks import check_mask_head
 
 # The five published variants, as overrides of the multi-scale defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -33,7 +34,8 @@ class ModelConfig:
     ``arch`` picks the model family: "deformable-detr" (model.DeformableDETR) or "detr" (the
     original DETR; the deformable-only fields are then unused). ``backbone`` is "resnet" (depth
     from ``backbone_depth``) or a ViT ("vit-small", "vit-base"; ``vit_depth`` overrides its 12
-    blocks, for small CPU models). ``masks`` adds DETR's mask head.
+    blocks, for small CPU models). ``masks`` adds DETR's mask head (``models.masks``; either family,
+    ResNet backbones).
     """
 
     arch: str = "deformable-detr"
@@ -75,8 +77,10 @@ class ModelConfig:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.masks and self.arch != "detr":
-            raise ValueError("masks (the mask head) exist for arch='detr' only")
+        if self.masks:
+            if self.backbone != "resnet":  # the head's FPN takes C2..C4 of a ResNet
+                raise ValueError("masks (the mask head) need a ResNet backbone")
+            check_mask_head(self.d_model, self.nheads)
         if self.two_stage and not self.with_box_refine:
             # The published two-stage model always refines; the heads' sharing assumes it.
             raise ValueError("two_stage requires with_box_refine")
@@ -112,11 +116,6 @@ class ModelConfig:
             raise ValueError("DETR is implemented with a ResNet backbone only")
         if self.num_feature_levels != 1 or self.with_box_refine or self.two_stage:
             raise ValueError("DETR uses one feature level (num_feature_levels=1), no box refinement, no two-stage")
-        # the mask head's GroupNorms: min(8, C) groups over d_model + nheads, d/2, d/4, d/8, d/16 channels
-        widths = [self.d_model + self.nheads] + [self.d_model // k for k in (2, 4, 8, 16)]
-        if self.masks and (self.d_model % 16 or any(c % min(8, c) for c in widths)):
-            raise ValueError(f"the mask head needs d_model divisible by 16 and d_model + nheads and d_model/16 "
-                             f"divisible by 8 (or d_model/16 < 8); got d_model={self.d_model}, nheads={self.nheads}")
 
     @classmethod
     def from_variant(cls, variant: str = "multi-scale", **overrides: Any) -> "ModelConfig":

@@ -21,6 +21,7 @@ from ddetr_cli.models.backbone import ResNet
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.fusion import optimize_for_inference
 from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
+from ddetr_cli.models.masks import MaskHead, MaskHeadMixin, MaskSource, MHAttentionMap
 from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
 from ddetr_cli.ops.msda import ms_deform_attn
 
@@ -180,13 +181,15 @@ class Transformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(MaskHeadMixin, nn.Module):
     """Deformable DETR detector.
 
     forward(images (B, 3, H, W) normalised, mask (B, H, W) bool True on padding) -> dict with
     ``logits`` (B, Q, num_classes), ``boxes`` (B, Q, 4) cxcywh in [0, 1], ``aux`` (list of the
-    earlier decoder layers' {logits, boxes}) and, for two-stage, ``enc`` {logits (B, S, C),
-    boxes (B, S, 4)} of the encoder proposals.
+    earlier decoder layers' {logits, boxes}), for two-stage, ``enc`` {logits (B, S, C),
+    boxes (B, S, 4)} of the encoder proposals and, with the mask head (``cfg.masks``), ``masks``
+    (B, Q, H/4, W/4) mask logits over the padded input (in training ``mask_source``, a
+    ``masks.MaskSource`` that computes the masks of the queries the loss matched).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -238,6 +241,16 @@ class DeformableDETR(nn.Module):
             self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
         if cfg.two_stage:
             self.transformer.decoder.class_embed = self.class_embed
+        if cfg.masks:
+            # DETR's head on the level that C5 feeds (stride 32; the only level of single-scale):
+            # the same map DETR-segm attends over, whose attention maps are the cheapest (S/1024
+            # positions) and whose projected features start the head's FPN, which then adds C4,
+            # C3 and C2 on the way to stride 4. The extra stride-64 level is coarser than the
+            # FPN's start and the stride-8 level would make the Q-fold attention maps 16x larger.
+            self.mask_level = len(body_channels) - 1
+            stages = self.backbone.body.stage_channels
+            self.bbox_attention = MHAttentionMap(d, cfg.nheads)
+            self.mask_head = MaskHead(d + cfg.nheads, stages[-2::-1], d)
 
     # what stays float32 in reduced-precision inference (``fusion.to_reduced_precision``)
     FLOAT32_HEADS = ("class_embed", "bbox_embed", "transformer.reference_points", "transformer.decoder.layers")
@@ -251,13 +264,18 @@ class DeformableDETR(nn.Module):
         return bool(getattr(self.backbone.body, "fused", False))
 
     # -- features ---------------------------------------------------------------------------
-    def _levels(self, images: torch.Tensor, mask: torch.Tensor):
-        """-> list of (source (B, d, H_l, W_l), mask (B, H_l, W_l)) for every feature level."""
+    def _levels(self, images: torch.Tensor, mask: torch.Tensor, stages: list | None = None):
+        """-> (sources [(B, d, H_l, W_l)] and masks [(B, H_l, W_l)] of every feature level).
+        ``stages``, when given a list, receives the ResNet's C2..C5 (the mask head's FPN)."""
         if self.inference_only:
             # channels-last convs; the flattened (B, HW, C) tokens are then views, not copies
             images = images.contiguous(memory_format=torch.channels_last)
         if isinstance(self.backbone.body, ResNet):
-            feats = self.backbone.body(images)
+            if stages is None:
+                feats = self.backbone.body(images)
+            else:
+                stages.extend(self.backbone.body.forward_stages(images))
+                feats = stages[1:]
         else:
             feats = self.pyramid(self.backbone.body(images))
             # the ViT sees the image padded to whole patches: so does the mask
@@ -362,7 +380,9 @@ class DeformableDETR(nn.Module):
         b = images.shape[0]
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        srcs, masks = self._levels(images, mask)
+        with_masks = self.masks_wanted()
+        stages: list | None = [] if with_masks else None
+        srcs, masks = self._levels(images, mask, stages)
         t = self.transformer
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -428,4 +448,18 @@ class DeformableDETR(nn.Module):
                 reference = coords.detach()
         out["logits"], out["boxes"] = logits_all[-1], boxes_all[-1]
         out["aux"] = [{"logits": lg, "boxes": bx} for lg, bx in zip(logits_all[:-1], boxes_all[:-1])]
+        if with_masks:
+            lvl = self.mask_level
+            h, w = shapes[lvl]
+            start = int(level_start[lvl])
+            level_memory = memory[:, start : start + h * w].transpose(1, 2).reshape(b, -1, h, w)
+            queries = tgt.to(level_memory.dtype)
+            fpns = [stages[2], stages[1], stages[0]]
+            if self.training:
+                # the loss needs the matched queries' masks only (a few of Q): it asks for them
+                out["mask_source"] = MaskSource(self, queries, level_memory, masks[lvl], srcs[lvl], fpns)
+            else:
+                attn = self.bbox_attention(queries, level_memory, masks[lvl])
+                seg = self.mask_head(srcs[lvl], attn, fpns)
+                out["masks"] = seg.view(b, tgt.shape[1], *seg.shape[-2:])
         return out

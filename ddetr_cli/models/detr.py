@@ -22,6 +22,7 @@ from ddetr_cli.models.backbone import ResNet
 from ddetr_cli.models.config import ModelConfig
 from ddetr_cli.models.fusion import optimize_for_inference
 from ddetr_cli.models.layers import MLP, SelfAttention, sine_position_embedding
+from ddetr_cli.models.masks import MaskHead, MaskHeadMixin, MHAttentionMap
 
 
 class Attention(SelfAttention):
@@ -117,67 +118,7 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
 
-class MHAttentionMap(nn.Module):
-    """Attention weights (no values) of each query over the encoder memory map, per head.
-
-    The softmax runs jointly over heads and positions, as in the reference."""
-
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.q_linear = nn.Linear(d_model, d_model)
-        self.k_linear = nn.Linear(d_model, d_model)
-        for lin in (self.q_linear, self.k_linear):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, q: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """q (B, Q, C); memory (B, C, h, w); padding_mask (B, h, w) -> weights (B, Q, heads, h, w)."""
-        b, nq, c = q.shape
-        h, w = memory.shape[-2:]
-        m = self.n_heads
-        qh = self.q_linear(q).view(b, nq, m, c // m) * (c / m) ** -0.5
-        # the key projection is a 1x1 conv over the map: the Linear's weights, applied per pixel
-        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias).view(b, m, c // m, h, w)
-        weights = torch.einsum("bqnc,bnchw->bqnhw", qh, k)
-        weights = weights.masked_fill(padding_mask[:, None, None], torch.finfo(weights.dtype).min)
-        return weights.flatten(2).softmax(-1).view(b, nq, m, h, w)
-
-
-class MaskHead(nn.Module):
-    """Small conv head turning (projected C5 features ++ per-query attention maps) into one mask
-    logit map per query at stride 4, adding C4, C3, C2 through 1x1 adapters FPN-style."""
-
-    def __init__(self, dim: int, fpn_dims: list[int], context: int) -> None:
-        super().__init__()
-        widths = [dim, context // 2, context // 4, context // 8, context // 16]
-        for i in range(5):
-            self.add_module(f"lay{i + 1}", nn.Conv2d(widths[max(i - 1, 0)], widths[i], 3, padding=1))
-            self.add_module(f"gn{i + 1}", nn.GroupNorm(min(8, widths[i]), widths[i]))
-        self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
-        for i, c in enumerate(fpn_dims):
-            self.add_module(f"adapter{i + 1}", nn.Conv2d(c, widths[i + 1], 1))
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_uniform_(mod.weight, a=1)
-                nn.init.zeros_(mod.bias)
-
-    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(getattr(self, f"gn{i}")(getattr(self, f"lay{i}")(x)))
-
-    def forward(self, x: torch.Tensor, bbox_mask: torch.Tensor, fpns: list[torch.Tensor]) -> torch.Tensor:
-        """x (B, C, h, w); bbox_mask (B, Q, heads, h, w); fpns [C4, C3, C2] of the backbone
-        -> (B*Q, 1, H/4, W/4) mask logits."""
-        nq = bbox_mask.shape[1]
-        x = torch.cat([x.repeat_interleave(nq, 0), bbox_mask.flatten(0, 1)], 1)
-        x = self._block(2, self._block(1, x))
-        for i, fpn in enumerate(fpns):
-            fpn = getattr(self, f"adapter{i + 1}")(fpn).repeat_interleave(nq, 0)
-            x = self._block(i + 3, fpn + F.interpolate(x, size=fpn.shape[-2:], mode="nearest"))
-        return self.out_lay(x)
-
-
-class DETR(nn.Module):
+class DETR(MaskHeadMixin, nn.Module):
     """DETR detector (and DETR-segm with ``cfg.masks``).
 
     forward(images (B, 3, H, W) normalised, mask (B, H, W) bool True on padding) -> dict with
@@ -214,25 +155,6 @@ class DETR(nn.Module):
     def inference_only(self) -> bool:
         return bool(getattr(self.backbone.body, "fused", False))
 
-    def freeze_mask_head(self) -> None:
-        """Keep the mask head fixed (box-only fine-tuning); training forwards then skip the masks."""
-        for p in list(self.bbox_attention.parameters()) + list(self.mask_head.parameters()):
-            p.requires_grad_(False)
-
-    def freeze_detector(self) -> None:
-        """Keep everything but the mask head fixed (DETR's second step: the mask head trained on
-        a finished detector)."""
-        head = {id(p) for p in list(self.bbox_attention.parameters()) + list(self.mask_head.parameters())}
-        for p in self.parameters():
-            if id(p) not in head:
-                p.requires_grad_(False)
-
-    def _masks_wanted(self) -> bool:
-        # Fine-tuning trains boxes only and freezes the mask head: skip its (Q-fold) work then.
-        if not self.cfg.masks:
-            return False
-        return not self.training or any(p.requires_grad for p in self.mask_head.parameters())
-
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         b = images.shape[0]
         if mask is None:
@@ -264,7 +186,7 @@ class DETR(nn.Module):
         boxes_all = self.bbox_embed(hs_all).sigmoid()
         out: dict = {"logits": logits_all[-1], "boxes": boxes_all[-1],
                      "aux": [{"logits": lg, "boxes": bx} for lg, bx in zip(logits_all[:-1], boxes_all[:-1])]}
-        if self._masks_wanted():
+        if self.masks_wanted():
             h, w = c5.shape[-2:]
             attn = self.bbox_attention(hs[-1], memory.transpose(1, 2).reshape(b, -1, h, w), fmask)
             seg = self.mask_head(src, attn, [feats[2], feats[1], feats[0]])

@@ -9,6 +9,8 @@ without boxes only contributes "no object" classification terms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,17 +52,17 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (p * targets).sum(1) + 1) / (p.sum(1) + targets.sum(1) + 1)
 
 
-def mask_losses(pred: torch.Tensor, targets: list[dict], indices: list[tuple[torch.Tensor, torch.Tensor]],
-                num_boxes: float) -> dict[str, torch.Tensor]:
+def mask_losses(pred: torch.Tensor | Callable[[int, torch.Tensor], torch.Tensor], targets: list[dict],
+                indices: list[tuple[torch.Tensor, torch.Tensor]], num_boxes: float) -> dict[str, torch.Tensor]:
     """DETR's mask terms on the matched pairs, at the resolution the head predicts.
 
-    pred (B, Q, h, w) mask logits over the padded batch; ``targets[b]["masks"]`` (K_b, Hp, Wp)
+    pred (B, Q, h, w) mask logits over the padded batch, or a function (image b, query indices
+    (K,)) -> (K, h, w) of them (``models.masks.MaskSource``: only the matched queries' masks); ``targets[b]["masks"]`` (K_b, Hp, Wp)
     bool over the same padded input, ``"mask_valid"`` (K_b,) which boxes have a mask. The target
     masks are reduced to (h, w) by area averaging and thresholded at 0.5 (instead of the
     reference's upsampling of the prediction to the input size: the same supervision at a
     sixteenth of the cost). -> {"mask": focal loss (mean over pixels, summed over masks),
     "dice"}, each divided by ``num_boxes``."""
-    h, w = pred.shape[-2:]
     srcs, tgts = [], []
     for b, (qi, ti) in enumerate(indices):
         t = targets[b]
@@ -70,12 +72,17 @@ def mask_losses(pred: torch.Tensor, targets: list[dict], indices: list[tuple[tor
         valid = t.get("mask_valid", torch.ones(len(t["masks"]), dtype=torch.bool, device=ti.device))[ti]
         if not valid.any():
             continue
+        chosen = qi[valid.to(qi.device)]
+        src = pred(b, chosen) if callable(pred) else pred[b, chosen.to(pred.device)]
         m = t["masks"][ti[valid]].float()[None]
-        small = F.interpolate(m, size=(h, w), mode="area")[0] > 0.5
-        srcs.append(pred[b, qi.to(pred.device)[valid.to(pred.device)]])
-        tgts.append(small.to(pred.device))
+        small = F.interpolate(m, size=src.shape[-2:], mode="area")[0] > 0.5
+        srcs.append(src)
+        tgts.append(small.to(src.device))
     if not srcs:
-        zero = pred.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
+        if callable(pred):  # no matched mask: an empty query set keeps the head in the graph
+            zero = pred(0, torch.zeros(1, dtype=torch.long)).sum() * 0.0
+        else:
+            zero = pred.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
         return {"mask": zero, "dice": zero}
     src = torch.cat(srcs).flatten(1).float()
     tgt = torch.cat(tgts).flatten(1).float()
@@ -144,8 +151,9 @@ class SetCriterion(nn.Module):
             num_boxes = global_num_boxes(targets, outputs["logits"].device)
         indices = self.matcher(outputs["logits"], outputs["boxes"], targets)
         losses: dict[str, torch.Tensor] = dict(self._terms(outputs["logits"], outputs["boxes"], targets, num_boxes, indices))
-        if "masks" in outputs and any("masks" in t for t in targets):
-            losses.update(mask_losses(outputs["masks"], targets, indices, num_boxes))
+        pred_masks = outputs.get("masks", outputs.get("mask_source"))
+        if pred_masks is not None and any("masks" in t for t in targets):
+            losses.update(mask_losses(pred_masks, targets, indices, num_boxes))
         for i, aux in enumerate(outputs.get("aux") or []):
             for k, v in self._terms(aux["logits"], aux["boxes"], targets, num_boxes).items():
                 losses[f"{k}_{i}"] = v

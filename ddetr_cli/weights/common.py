@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ddetr_cli.formats.labels import is_placeholder
+from ddetr_cli.models.masks import MASK_HEAD_PREFIXES
 
 
 class WeightsError(ValueError):
@@ -128,16 +129,27 @@ def alias_groups(model: torch.nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in groups.values()}
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                           new_mask_head: bool = False) -> None:
     """Load ``sd`` (model names) into ``model``; any missing, unexpected or mis-shaped tensor is an error.
 
-    A checkpoint may hold any one or several of the names of a shared tensor.
+    A checkpoint may hold any one or several of the names of a shared tensor. ``new_mask_head``:
+    a detector's weights going into the same model with a mask head added (``cfg.masks``): the
+    head's tensors (``models.masks.MASK_HEAD_PREFIXES``) must then all be missing, and keep their
+    fresh initialisation; anything else missing is still an error.
     """
     groups = alias_groups(model)
     owner = {alias: canon for canon, names in groups.items() for alias in names}
     unexpected = sorted(k for k in sd if k not in owner)
     present = {owner[k] for k in sd if k in owner}
     missing = sorted(set(groups) - present)
+    if new_mask_head:
+        head = {k for k in groups if k.startswith(MASK_HEAD_PREFIXES)}
+        if not head:
+            raise WeightsError(f"{source}: the model has no mask head to add")
+        if head & present:
+            raise WeightsError(f"{source} already holds a mask head: load it as it is")
+        missing = [k for k in missing if k not in head]
     if missing or unexpected:
         parts = []
         if missing:

@@ -6,7 +6,9 @@ tables live in ``weights/detr.py``; what the layouts share in ``weights/common.p
 (b) ``official``: a ``.pth`` of fundamentalvision/Deformable-DETR (``{"model", "args", ...}``),
     read with ``weights_only=True`` and only ``argparse.Namespace`` allowed;
 (c) ``ddetr``: this project's single file, a ``.safetensors`` whose metadata holds the JSON
-    model config (variant, classes, class names).
+    model config (variant, classes, class names). A mask-head add-on (``save_mask_head``) is
+    such a file holding only a mask head, with the name of the detector file beside it that it
+    completes (``ddetr_base``): reading it reads both.
 
 Every layout is renamed to the model's own parameter names and loaded strictly: missing or
 unexpected keys raise :class:`WeightsError` naming them.
@@ -15,6 +17,7 @@ unexpected keys raise :class:`WeightsError` naming them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -26,6 +29,7 @@ from ddetr_cli.files import atomic_path
 from ddetr_cli.formats.labels import coco_class_names
 from ddetr_cli.models.build import build_model
 from ddetr_cli.models.config import ModelConfig
+from ddetr_cli.models.masks import MASK_HEAD_PREFIXES
 from ddetr_cli.weights.common import (
     WeightsError,
     alias_groups,
@@ -40,6 +44,7 @@ from ddetr_cli.weights.common import (
 
 FORMAT_KEY = "ddetr_config"
 FORMAT_VERSION = "1"
+BASE_KEY = "ddetr_base"  # a mask-head add-on: the detector file (beside it) it completes
 
 
 def detect_layout(path: str | Path) -> str:
@@ -169,6 +174,8 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
             cfg = ModelConfig.from_dict(json.loads(meta[FORMAT_KEY]))
         except (ValueError, TypeError) as e:
             raise WeightsError(f"{p}: bad ddetr config in metadata ({e})") from None
+        if BASE_KEY in meta:
+            return cfg, _with_base(p, cfg, meta[BASE_KEY]), layout
         return cfg, load_safetensors(p), layout
     if layout == "hub":
         d = p if p.is_dir() else p.parent
@@ -209,6 +216,50 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         return cfg, sd, layout
     sd = official_to_own(sd)
     return config_from_official(ckpt.get("args"), sd), sd, layout
+
+
+def _with_base(p: Path, cfg: ModelConfig, base_name: str) -> dict[str, torch.Tensor]:
+    """A mask-head add-on's tensors completed by its base detector's (the file ``base_name``
+    beside it, whose config must be the add-on's without the mask head)."""
+    base = p.parent / base_name
+    if Path(base_name).name != base_name or not base.is_file():
+        raise WeightsError(f"{p} is a mask head for {base_name}, which is not beside it")
+    base_cfg, base_sd, base_layout = read_weights(base)
+    if base_layout != "ddetr" or dataclasses.replace(base_cfg, masks=True) != cfg:
+        raise WeightsError(f"{p} is a mask head for another model than {base}: their configs differ")
+    head = load_safetensors(p)
+    if not head or not all(k.startswith(MASK_HEAD_PREFIXES) for k in head):
+        raise WeightsError(f"{p} holds tensors other than a mask head ({BASE_KEY} files hold the head only)")
+    return {**base_sd, **head}
+
+
+def save_mask_head(model: torch.nn.Module, path: str | Path, base: str | Path) -> Path:
+    """Write only the mask head of ``model`` (a detector with ``cfg.masks``) as an add-on to the
+    ddetr-layout detector file ``base``, which must hold the rest of ``model`` and stay beside
+    ``path`` (the add-on records its file name). A few MB instead of the whole model again."""
+    from safetensors.torch import save_file
+
+    base = Path(base)
+    base_cfg, base_sd, _ = read_weights(base)
+    # fine-tuning records the dataset's category ids and its --imgsz: the same labels (ids and
+    # names) are the same model; the add-on then keeps the base's config, plus the head
+    same = dataclasses.replace(model.cfg, masks=False, category_ids=base_cfg.category_ids,
+                               stuff_ids=base_cfg.stuff_ids, imgsz=base_cfg.imgsz) == base_cfg
+    if not model.cfg.masks or not same or list(model.cfg.labels) != list(base_cfg.labels):
+        raise WeightsError(f"{base} is not this model without its mask head (the configs differ)")
+    sd = canonical_state_dict(model)
+    changed = [k for k, v in base_sd.items() if k in sd and not torch.equal(sd[k], v)]
+    if changed:
+        raise WeightsError(f"the model's detector differs from {base} ({len(changed)} tensors, e.g. {changed[0]}): "
+                           f"save the whole model instead")
+    p = Path(path)
+    if p.resolve().parent != base.resolve().parent:
+        raise WeightsError(f"a mask-head add-on must sit beside its base ({base.parent})")
+    cfg = dataclasses.replace(base_cfg, masks=True)
+    meta = {FORMAT_KEY: json.dumps(cfg.to_dict()), "ddetr_format_version": FORMAT_VERSION, BASE_KEY: base.name}
+    with atomic_path(p) as tmp:
+        save_file({k: v for k, v in sd.items() if k.startswith(MASK_HEAD_PREFIXES)}, str(tmp), metadata=meta)
+    return p
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

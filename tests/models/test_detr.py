@@ -327,8 +327,9 @@ def test_config_validation():
         ModelConfig(arch="detr", num_feature_levels=4)
     with pytest.raises(ValueError, match="mask head"):
         ModelConfig.from_variant("detr", masks=True, d_model=64, nheads=4)
-    with pytest.raises(ValueError, match="arch='detr' only"):
-        ModelConfig(masks=True)
+    assert ModelConfig(masks=True).masks  # Deformable DETR takes the same head (models/masks.py)
+    with pytest.raises(ValueError, match="need a ResNet backbone"):
+        ModelConfig(masks=True, backbone="vit-small")
     assert ModelConfig.from_variant("detr-dc5").variant == "detr-dc5"
 
 

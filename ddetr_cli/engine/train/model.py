@@ -75,18 +75,36 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
     if opts.backbone and cfg.backbone != opts.backbone:
         raise FinetuneError(f"--backbone {opts.backbone}: {path} has a {cfg.backbone} backbone"
                             + (f" (leave out --model to train a new {opts.backbone} model)" if opts.backbone in VIT_SIZES else ""))
+    add_head, note = _added_mask_head(cfg, opts, path)
+    if add_head:
+        cfg = dataclasses.replace(cfg, masks=True)
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
         model = build_model(cfg)
-        load_state_dict_strict(model, sd, source=str(path))
-        return model, f"{path} ({layout}), all weights kept"
+        load_state_dict_strict(model, sd, source=str(path), new_mask_head=add_head)
+        return model, f"{path} ({layout}), all weights kept{note}"
     new_cfg = dataclasses.replace(cfg, num_classes=n, class_names=list(class_names), category_ids=[])
     model = build_model(new_cfg)
     own = model.state_dict()
     # Keep every tensor but the class heads, which take the fresh (prior-biased) init.
     sd = {k: v for k, v in sd.items() if "class_embed" not in k}
     sd.update({k: v for k, v in own.items() if "class_embed" in k})
-    load_state_dict_strict(model, sd, source=str(path))
-    return model, f"{path} ({layout}), class head re-initialised for {n} classes (was {cfg.num_classes})"
+    load_state_dict_strict(model, sd, source=str(path), new_mask_head=add_head)
+    return model, f"{path} ({layout}), class head re-initialised for {n} classes (was {cfg.num_classes}){note}"
+
+
+def _added_mask_head(cfg: ModelConfig, opts: FinetuneOptions, path: Path) -> tuple[bool, str]:
+    """``--arch masks=true`` on a pretrained model: (whether a new mask head is added, a note
+    for the source line). The options' validation allows no other --arch key here."""
+    wanted = parse_arch(opts.arch).get("masks")
+    if wanted is None or wanted == cfg.masks:
+        return False, ""
+    if not wanted:
+        raise FinetuneError(f"--arch masks=false: {path} has a mask head; use --no-train-masks to leave it as it is")
+    try:
+        dataclasses.replace(cfg, masks=True)
+    except ValueError as e:
+        raise FinetuneError(f"--arch masks=true: {e}") from None
+    return True, ", new mask head"
 
 
 def resumed_model(model_config: dict, weights: dict, opts: FinetuneOptions) -> DeformableDETR:
