@@ -175,7 +175,7 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         except (ValueError, TypeError) as e:
             raise WeightsError(f"{p}: bad ddetr config in metadata ({e})") from None
         if BASE_KEY in meta:
-            return cfg, _with_base(p, cfg, meta[BASE_KEY]), layout
+            return _with_base(p, cfg, meta[BASE_KEY]) + (layout,)
         return cfg, load_safetensors(p), layout
     if layout == "hub":
         d = p if p.is_dir() else p.parent
@@ -218,19 +218,26 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     return config_from_official(ckpt.get("args"), sd), sd, layout
 
 
-def _with_base(p: Path, cfg: ModelConfig, base_name: str) -> dict[str, torch.Tensor]:
-    """A mask-head add-on's tensors completed by its base detector's (the file ``base_name``
-    beside it, whose config must be the add-on's without the mask head)."""
+# model-card fields of a detector that its mask-head add-on takes from it (the boxes and scores
+# are the detector's, so are the tracking thresholds measured on them)
+CARD_FIELDS = ("track_high", "track_low")
+
+
+def _with_base(p: Path, cfg: ModelConfig, base_name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A mask-head add-on's (config, tensors) completed by its base detector's: the file
+    ``base_name`` beside it, whose config must be the add-on's without the mask head (model-card
+    fields aside, which come from the base)."""
     base = p.parent / base_name
     if Path(base_name).name != base_name or not base.is_file():
         raise WeightsError(f"{p} is a mask head for {base_name}, which is not beside it")
     base_cfg, base_sd, base_layout = read_weights(base)
+    cfg = dataclasses.replace(cfg, **{f: getattr(base_cfg, f) for f in CARD_FIELDS})
     if base_layout != "ddetr" or dataclasses.replace(base_cfg, masks=True) != cfg:
         raise WeightsError(f"{p} is a mask head for another model than {base}: their configs differ")
     head = load_safetensors(p)
     if not head or not all(k.startswith(MASK_HEAD_PREFIXES) for k in head):
         raise WeightsError(f"{p} holds tensors other than a mask head ({BASE_KEY} files hold the head only)")
-    return {**base_sd, **head}
+    return cfg, {**base_sd, **head}
 
 
 def save_mask_head(model: torch.nn.Module, path: str | Path, base: str | Path) -> Path:

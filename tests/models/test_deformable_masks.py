@@ -123,6 +123,8 @@ def test_bundled_demo_masks_addon_is_trained(tmp_path):
     cfg, sd, _ = read_weights(ROOT / "weights" / "demo-masks.safetensors")
     base_cfg, base_sd, _ = read_weights(DEMO)
     assert cfg == dataclasses.replace(base_cfg, masks=True)
+    # the detector's model card (tracking thresholds measured on its scores) comes with it
+    assert base_cfg.track_high is not None and (cfg.track_high, cfg.track_low) == (base_cfg.track_high, base_cfg.track_low)
     assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
     trained = build_model(cfg)
     load_state_dict_strict(trained, sd)
