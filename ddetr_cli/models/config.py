@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ddetr_cli.formats.labels import LabelTable
-from ddetr_cli.models.masks import check_mask_head
 
 # The five published variants, as overrides of the multi-scale defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -80,6 +79,8 @@ class ModelConfig:
         if self.masks:
             if self.backbone != "resnet":  # the head's FPN takes C2..C4 of a ResNet
                 raise ValueError("masks (the mask head) need a ResNet backbone")
+            from ddetr_cli.models.masks import check_mask_head  # here: masks.py loads torch, the CLI's --help must not
+
             check_mask_head(self.d_model, self.nheads)
         if self.two_stage and not self.with_box_refine:
             # The published two-stage model always refines; the heads' sharing assumes it.
