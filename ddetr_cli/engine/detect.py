@@ -349,8 +349,9 @@ def run_detect(
                 if progress:
                     progress(res.images + len(res.skipped), len(items))
                 continue
-            size = batch
-            if batch is None:  # consecutive images of one input shape, unpadded
+            size = batch or 1
+            if batch is None and hasattr(detector, "auto_batch"):  # (a test stub may batch nothing)
+                # consecutive images of one input shape, unpadded
                 shape = detector.input_shape(*img.shape[:2])
                 if pending and shape != pending_shape:
                     flush_batch(pending)
