@@ -170,33 +170,6 @@ def _use_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-class _SigtermAsInterrupt:
-    """While entered (main thread, SIGTERM at its default): SIGTERM raises KeyboardInterrupt, so a
-    run stopped by a service manager or scheduler ends as Ctrl-C does (outputs completed and marked
-    incomplete); ``code`` is then the exit code to use (143 for SIGTERM, else 130)."""
-
-    def __init__(self) -> None:
-        self.code, self._previous = 130, None
-
-    def _handle(self, signum, frame) -> None:
-        self.code = 128 + signum
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> "_SigtermAsInterrupt":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _load_detector(model, device: str, half: bool, imgsz, classes=None):
     """Detector plus the label ids ``--classes`` names (None = all); bad values -> UserError."""
     from ddetr_cli.engine.predictor import Detector
@@ -338,22 +311,22 @@ def detect(
             dt = time.perf_counter() - started[0]
             progress.update(task, completed=done, rate=f"{done / dt:.1f}" if dt > 0 else "-")
 
-        stop = _SigtermAsInterrupt()
         try:
-            with stop:
-                res = run_detect(
-                    det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
-                    formats=fmts, save_images=save_images, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
-                    save_conf=save_conf, recursive=recursive, workers=workers,
-                    progress=on_progress, total_hint=on_total,
-                    ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
-                )
+            res = run_detect(
+                det, sources, run_dir, conf=conf, max_det=max_det, classes=class_ids, batch=batch,
+                formats=fmts, save_images=save_images, masks=masks, panoptic=panoptic, panoptic_conf=panoptic_conf,
+                save_conf=save_conf, recursive=recursive, workers=workers,
+                progress=on_progress, total_hint=on_total,
+                ls_url=functools.partial(image_url, root=ls_root, prefix=ls_url_prefix),
+            )
         except ImageURLError as e:
             raise UserError(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (engine.stop): exit 130 or 143
+            from ddetr_cli.engine.stop import exit_code
+
             progress.stop()
             console.print(f"[yellow]interrupted[/]: partial results in {run_dir}/predictions.json (marked incomplete)")
-            raise typer.Exit(stop.code)
+            raise typer.Exit(exit_code(e))
 
     if as_json:
         _print_json(res.to_dict())

@@ -25,6 +25,7 @@ from ddetr_cli.data.sources import expand_sources, is_url, load_source
 from ddetr_cli.engine.draw import Annotator, write_image
 from ddetr_cli.engine.panoptic import PANOPTIC_THRESHOLD
 from ddetr_cli.engine.predictor import AUTO_BATCH_MAX, Detector
+from ddetr_cli.engine.stop import Interrupted, StopRequest
 from ddetr_cli.files import atomic_path, atomic_write_text
 from ddetr_cli.formats.annotations import Instances, names_txt
 from ddetr_cli.formats.coco import CocoWriter
@@ -173,8 +174,9 @@ def run_detect(
     consecutive images that the model sees at one shape, as many as ``Detector.auto_batch`` says,
     so that no image is padded and each gets the detections it would get alone.
 
-    KeyboardInterrupt stops the run after writing a valid ``predictions.json`` marked
-    ``"incomplete": true``; the interrupt is then re-raised for the caller.
+    Ctrl-C or SIGTERM (``engine.stop``) stops the run after the batch under way, writes a valid
+    ``predictions.json`` marked ``"incomplete": true`` and raises ``stop.Interrupted`` (a
+    KeyboardInterrupt with the signal) for the caller; a second signal stops at once.
 
     ``masks``: instance masks as COCO polygons in ``segmentation`` (and YOLO segmentation lines);
     needs a model with a mask head (``masks.MasksUnavailable`` otherwise, before anything is
@@ -332,49 +334,53 @@ def run_detect(
     pending_shape: tuple[int, int] | None = None
     lookahead = max(2 * (batch or AUTO_BATCH_MAX), workers * 2)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ddetr-decode")
-    try:
-        while True:
-            while len(window) < lookahead:
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                window.append((nxt[0], nxt[1], pool.submit(load_source, nxt[0])))
-            if not window:
-                break
-            src, name, fut = window.popleft()
-            try:
-                img = fut.result()
-            except (ImageReadError, OSError, ValueError) as e:
-                res.skipped.append({"file": src, "reason": str(e)})
-                if progress:
-                    progress(res.images + len(res.skipped), len(items))
-                continue
-            size = batch or 1
-            if batch is None and hasattr(detector, "auto_batch"):  # (a test stub may batch nothing)
-                # consecutive images of one input shape, unpadded
-                shape = detector.input_shape(*img.shape[:2])
-                if pending and shape != pending_shape:
-                    flush_batch(pending)
-                pending_shape, size = shape, detector.auto_batch(shape)
-            pending.append((src, name, img))
-            if len(pending) >= size:
-                flush_batch(pending)
-        if pending:
-            flush_batch(pending)
-    except KeyboardInterrupt:
-        res.incomplete = True
-        raise
-    except OSError as e:  # an output write failed: keep what is complete, say where it stopped
-        res.incomplete = True
-        stopped = e
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        res.seconds = time.perf_counter() - t0
+    with StopRequest() as stop:
         try:
-            write_all(res.incomplete)
-            atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
-        except OSError as e:
-            stopped = stopped or e
+            while True:
+                if stop.requested:  # between images: every output holds the same images
+                    raise Interrupted("stopped by a signal", stop.signum)
+                while len(window) < lookahead:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    window.append((nxt[0], nxt[1], pool.submit(load_source, nxt[0])))
+                if not window:
+                    break
+                src, name, fut = window.popleft()
+                try:
+                    img = fut.result()
+                except (ImageReadError, OSError, ValueError) as e:
+                    res.skipped.append({"file": src, "reason": str(e)})
+                    if progress:
+                        progress(res.images + len(res.skipped), len(items))
+                    continue
+                size = batch or 1
+                if batch is None and hasattr(detector, "auto_batch"):  # (a test stub may batch nothing)
+                    # consecutive images of one input shape, unpadded
+                    shape = detector.input_shape(*img.shape[:2])
+                    if pending and shape != pending_shape:
+                        flush_batch(pending)
+                    pending_shape, size = shape, detector.auto_batch(shape)
+                pending.append((src, name, img))
+                if len(pending) >= size:
+                    flush_batch(pending)
+            if pending:
+                flush_batch(pending)
+        except KeyboardInterrupt:
+            res.incomplete = True
+            raise
+        except OSError as e:  # an output write failed: keep what is complete, say where it stopped
+            res.incomplete = True
+            stopped = e
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            res.images = len(coco.images)  # a second signal may have cut an image's bookkeeping short
+            res.seconds = time.perf_counter() - t0
+            try:
+                write_all(res.incomplete)
+                atomic_write_text(out_dir / "summary.json", json.dumps(res.to_dict(), indent=2))
+            except OSError as e:
+                stopped = stopped or e
     if stopped is not None:
         raise DetectStopped(f"{stopped.strerror or stopped}{f' ({stopped.filename})' if stopped.filename else ''}: "
                             f"stopped after {res.images} of {len(items)} images; {pred_path} holds the first {saved}")

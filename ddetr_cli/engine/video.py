@@ -43,6 +43,7 @@ import supervision as sv  # noqa: E402
 from ddetr_cli.data.sequence import ImageSequence  # noqa: E402
 from ddetr_cli.data.sources import SourceError  # noqa: E402
 from ddetr_cli.engine.draw import Annotator  # noqa: E402
+from ddetr_cli.engine.stop import StopRequest  # noqa: E402
 from ddetr_cli.engine.track import Fill, Tracker, TrackSettings, settings_for, tracked_output  # noqa: E402
 from ddetr_cli.formats.labels import LabelTable  # noqa: E402
 from ddetr_cli.formats.masks import instance_polygons, require_masks  # noqa: E402
@@ -688,17 +689,13 @@ class VideoPipeline:
             out.close()
 
     def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.stop_event.is_set():
-                raise KeyboardInterrupt  # second signal: abort now (files are still closed in finally)
+        def requested(signum: int) -> None:
             self.log(f"{signal.Signals(signum).name}: finishing frames in flight (again to abort)")
             self.stop("signal")
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(s, h) for s, h in old.items()]  # type: ignore[func-returns-value]
+        stop = StopRequest(on_request=requested)  # a second signal aborts (files are still closed in finally)
+        stop.__enter__()
+        return stop.__exit__
 
     def run(self, handle_signals: bool = True) -> VideoResult:
         """Process the whole source (or until stopped); always closes outputs."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from ddetr_cli.data.datasets import DatasetError
 from ddetr_cli.engine.options import DEFAULT_OUT, FinetuneError, FinetuneOptions
+from ddetr_cli.engine.stop import exit_code
 from ddetr_cli.engine.train.dist import DistInfo, broadcast, dist_from_env, pick_device
 from ddetr_cli.engine.train.loop import FinetuneResult, Trainer, TrainingInterrupted
 from ddetr_cli.engine.train.state import extend_schedule, find_resume_state, load_train_state
@@ -158,7 +158,7 @@ def finetune_command(data: str | None = None, *, resume: str | None = None, quie
         return 2
     except KeyboardInterrupt as e:
         err.print(f"[yellow]{interrupted_message(e)}[/]")
-        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
+        return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
     if as_json and dist_from_env().main:
         print(json.dumps(res.to_dict()))
     return 0

@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from torch import nn
 
 from ddetr_cli.data.datasets import Dataset, DatasetError, load_dataset
 from ddetr_cli.engine.options import FinetuneError, FinetuneOptions
+from ddetr_cli.engine.stop import Interrupted, StopRequest
 from ddetr_cli.engine.train.data import TrainSet, epoch_batches, make_loader
 from ddetr_cli.engine.train.dist import DistInfo, any_rank
 from ddetr_cli.engine.train.evaluation import BestCheckpoint
@@ -50,49 +49,18 @@ class FinetuneResult:
                 "history": self.history}
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+STOP_NOTICE = "stopping after this step with a checkpoint (Ctrl-C again to stop at once)"
+
+
+class TrainingInterrupted(Interrupted):
     """Ctrl-C (or SIGTERM) during training. ``checkpoint``: the last.pt that ``--resume`` continues
     from (None when there is none), at global step ``step``; ``exact``: written at the step the run
     reached (otherwise it is the latest periodic or epoch-end one); ``signum``: the signal."""
 
     def __init__(self, run_dir: Path, checkpoint: Path | None, step: int | None, exact: bool,
                  signum: int = signal.SIGINT) -> None:
-        super().__init__(str(checkpoint))
-        self.run_dir, self.checkpoint, self.step, self.exact, self.signum = run_dir, checkpoint, step, exact, signum
-
-
-class StopRequest:
-    """While entered (main thread): the first SIGINT or SIGTERM sets ``requested`` (the loop stops
-    at the next step boundary, or after the epoch end under way, and saves); a second raises
-    KeyboardInterrupt at once. SIGTERM is what schedulers and service managers send before they
-    kill (a preempted job keeps its step). Only signals left at Python's defaults are taken over."""
-
-    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-
-    def __init__(self, notice: bool) -> None:
-        self.requested = False
-        self.signum = signal.SIGINT
-        self.notice = notice
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig, default in self.DEFAULTS.items():
-                if signal.getsignal(sig) is default:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        if self.notice:  # os.write: safe whatever the interrupted code was printing
-            os.write(2, b"\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)\n")
+        super().__init__(str(checkpoint), signum)
+        self.run_dir, self.checkpoint, self.step, self.exact = run_dir, checkpoint, step, exact
 
 
 class Trainer:
@@ -187,7 +155,7 @@ class Trainer:
         self.step_finite = True  # the last step's loss was finite (for the hooks)
         self.epoch_log: dict[str, Any] = {}  # the ending epoch's numbers (for the hooks)
         self.steps_per_epoch = math.ceil(len(epoch_batches(len(self.train_set), o.batch, o.seed, 0, info)) / o.accumulate)
-        self.stop = StopRequest(notice=info.main and o.verbose)
+        self.stop = StopRequest(notice=STOP_NOTICE if info.main and o.verbose else None)
         if state is not None:
             self.load_state_dict(state)
 
