@@ -11,6 +11,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-/tmp/ddetr-demo-masks}"
 steps="${STEPS:-100}"
+epochs=$(( (steps * 2 + 399) / 400 ))  # 400 images, batch 2: 200 steps an epoch
 mkdir -p "$work"
 if [ ! -f "$work/data/coco/train/_annotations.coco.json" ]; then
   python -m ddetr_cli.data.synth dataset "$work/data" --train 400 --val 0 --test 100 --seed 2026 --formats coco
@@ -18,7 +19,7 @@ fi
 mkdir -p "$work/train/coco"
 ln -sfn "$work/data/coco/train" "$work/train/coco/train"  # train split only: no validation passes
 ddetr finetune "$work/train/coco" --model "$here/demo.safetensors" --arch masks=true --freeze-boxes \
-  --imgsz 256 --batch 2 --lr 1e-3 --epochs 1 --max-steps "$steps" --val-fraction 0 --workers 1 --no-ema \
+  --imgsz 256 --batch 2 --lr 1e-3 --epochs "$epochs" --max-steps "$steps" --val-fraction 0 --workers 1 --no-ema \
   --no-register --save-period 25 --out "$work/runs" --name demo-masks
 run="$(ls -d "$work"/runs/exp* | tail -1)"
 python - "$run/last.safetensors" "$here" <<'PY'
