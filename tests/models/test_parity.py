@@ -60,6 +60,44 @@ def test_hub_layout_parity(variant, tmp_path):
     _assert_optimized_close(ref, ours)
 
 
+@pytest.mark.parametrize("variant", ["multi-scale", "box-refine", "two-stage"])
+def test_decoder_sampling_before_projecting_keeps_parity(variant, tmp_path):
+    """The decoder's cross-attention sampling the memory first and projecting after
+    (UnprojectedValue, what CPU inference takes at full image sizes) gives transformers' outputs
+    on a padded batch (the padding zeroes rows and the bias's weight), plain and optimised."""
+    hf = make_hf_model(variant)
+    save_hub(hf, tmp_path / "hub")
+    ours = load_model(tmp_path / "hub")
+    ours.sample_first = True
+    calls = []
+    attn = ours.transformer.decoder.layers[0].cross_attn
+    hook = attn.register_forward_pre_hook(lambda mod, args: calls.append(type(args[2]).__name__))
+    ref, out = _run_both(hf, ours)
+    assert calls == ["UnprojectedValue"]
+    _assert_close(ref, out)
+    _assert_optimized_close(ref, ours)
+    hook.remove()
+
+
+def test_decoder_samples_first_at_full_size_in_cpu_inference():
+    """The cost rule: an 800x1066 image's 17,821 positions against 300 queries pick sampling first
+    in inference, not under autograd; the encoder's case and a small image keep the value GEMM."""
+    from ddetr_cli.models.build import build_model
+    from ddetr_cli.models.config import ModelConfig
+    from ddetr_cli.models.deformable_detr import UnprojectedValue
+
+    model = build_model(ModelConfig.from_variant("multi-scale", num_classes=91)).eval()
+    attn = model.transformer.decoder.layers[0].cross_attn
+    assert UnprojectedValue.pays(300, 17821, attn)
+    assert not UnprojectedValue.pays(17821, 17821, attn)  # the encoder's case
+    assert not UnprojectedValue.pays(300, 1840, attn)  # a 256x341 image: the value GEMM is small
+    memory = torch.randn(1, 17821, 256)
+    with torch.inference_mode():
+        assert isinstance(model._decoder_value(memory, None, 300), UnprojectedValue)
+    with torch.enable_grad():
+        assert model._decoder_value(memory, None, 300) is memory
+
+
 def test_hub_layout_full_size_resnet18_bin(tmp_path):
     """Default transformer sizes (d_model 256, 6+6 layers, 300 queries), ResNet-18 backbone,
     weights written as pytorch_model.bin instead of safetensors."""
