@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# The ddetr command's process settings (OpenMP wait policy, huge pages, malloc keeping freed
+# memory: ddetr_cli/ops/process.py) are made before torch loads, as the CLI makes them, for every
+# row alike; --plain-process leaves them out (torch's and glibc's defaults).
+if "--plain-process" not in sys.argv:
+    from ddetr_cli.ops.process import configure
+
+    configure()
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -69,6 +77,8 @@ def main() -> None:
     ap.add_argument("--variant", default="multi-scale")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
+    ap.add_argument("--plain-process", action="store_true",
+                    help="leave out the ddetr command's process settings (huge pages, malloc, OpenMP wait policy)")
     ap.add_argument("--force-bf16", action="store_true",
                     help="CPU: time the bfloat16 row even where the CPU has no native bfloat16 (emulated, slow)")
     args = ap.parse_args()
@@ -153,8 +163,10 @@ def main() -> None:
         dev_name = f"{info.name}; flags {', '.join(info.flags) or 'no AVX2'}; {torch.get_num_threads()} threads"
     else:
         dev_name = torch.cuda.get_device_name(0)
+    from ddetr_cli.ops.process import describe
+
     print(f"\nEnd-to-end {args.variant} R50, {args.batch}x3x{args.height}x{args.width}, {dev} ({dev_name}), "
-          f"torch {torch.__version__}\n")
+          f"torch {torch.__version__}; process: {'; '.join(f'{k} {v}' for k, v in describe().items())}\n")
     print("| implementation | ms / batch | images / s | speed-up vs transformers | share of the floor |")
     print("|---|---:|---:|---:|---:|")
     floor = gflop / (2 * SGEMM_N**3 / sgemm / 1e9) if gflop is not None and sgemm else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import inspect
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -110,6 +109,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
     from ddetr_cli.models.fusion import fused_cpu_kernels
     from ddetr_cli.ops.cpu import bf16_support, cpu_info
     from ddetr_cli.ops.msda import backend_info
+    from ddetr_cli.ops.process import describe as process_settings
 
     b = backend_info()
     bf16_ok, bf16_why = bf16_support()
@@ -126,8 +126,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable 
         "msda_cuda_kernels": b.get("cuda_kernels"),
         "cpu": cpu_info().summary,
         "cpu_threads": torch.get_num_threads(),
-        # PASSIVE unless the user chose: idle OpenMP threads sleep (see ddetr_cli/__main__.py)
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default: spin, then sleep)"),
+        # idle OpenMP threads sleep, huge pages, malloc keeping memory (ddetr_cli/ops/process.py)
+        **process_settings(),
         "cpu_fused_kernels": fused_cpu_kernels(),
         # --half on CPU: bfloat16 where the CPU multiplies it natively, refused elsewhere
         "cpu_bf16": bf16_ok,

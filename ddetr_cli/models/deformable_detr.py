@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ddetr_cli.models.backbone import ResNet
 from ddetr_cli.models.config import ModelConfig
-from ddetr_cli.models.fusion import optimize_for_inference
+from ddetr_cli.models.fusion import linear_plus, optimize_for_inference
 from ddetr_cli.models.layers import MLP, SelfAttention, inverse_sigmoid, sine_position_embedding
 from ddetr_cli.models.masks import MaskHead, MaskHeadMixin, MaskSource, MHAttentionMap
 from ddetr_cli.models.vit import SimpleFeaturePyramid, VisionTransformer, pad_to_patch_multiple
@@ -103,11 +103,12 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query (N, Lq, C) with position added; reference_points (N, Lq, L, 2|4) normalised;
         value_in (N, S, C), or an :class:`UnprojectedValue` of it (padding already applied);
         spatial_shapes (L, 2) int64 (H, W); level_start_index (L,); padding_mask (N, S) True on
-        padding -> (N, Lq, C)."""
+        padding; residual (N, Lq, C), added to the output -> (N, Lq, C)."""
         n, lq, _ = query.shape
         m, nl, p = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).view(n, lq, m, nl, p, 2)
@@ -126,7 +127,8 @@ class MSDeformAttn(nn.Module):
                 + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         if isinstance(value_in, UnprojectedValue):
-            return self.output_proj(self._sample_then_project(value_in, spatial_shapes, level_start_index, loc, weights))
+            out = self._sample_then_project(value_in, spatial_shapes, level_start_index, loc, weights)
+            return self.output_proj(out) if residual is None else linear_plus(self.output_proj, out, residual)
         s = value_in.shape[1]
         value = self.value_proj(value_in)
         if padding_mask is not None:
@@ -135,7 +137,7 @@ class MSDeformAttn(nn.Module):
         # locations keep the reference points' float32 beside a reduced-precision value (the op
         # takes both); weights are probabilities, for which the value's precision is enough
         out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights.to(value.dtype))
-        return self.output_proj(out)
+        return self.output_proj(out) if residual is None else linear_plus(self.output_proj, out, residual)
 
     def _sample_then_project(self, value: UnprojectedValue, spatial_shapes: torch.Tensor,
                              level_start_index: torch.Tensor, loc: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -167,6 +169,11 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos (N, S, C); reference_points (N, S, L, 2) -> (N, S, C)."""
+        if not self.training:
+            # no dropout between a sublayer and its residual: the adds go into the GEMMs' epilogues
+            src = self.norm1(self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
+                                            padding_mask, residual=src))
+            return self.norm2(linear_plus(self.linear2, self.activation(self.linear1(src)), src))
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout(attn))
         ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))

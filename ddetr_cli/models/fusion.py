@@ -73,14 +73,29 @@ class FastLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
         self.relu = relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) [, residual (..., out): added in the epilogue, not with ``relu``] -> (..., out)."""
         if _ONEDNN_LINEAR and _onednn_inference(x, self.weight):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu" if self.relu else "none", [], "")
+            if residual is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu" if self.relu else "none", [], "")
+            if not self.relu and residual.dtype == x.dtype and residual.is_contiguous():
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         y = F.linear(x, self.weight, self.bias)
-        return F.relu(y, inplace=True) if self.relu else y
+        if self.relu:
+            y = F.relu(y, inplace=True)
+        return y if residual is None else y + residual
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + residual``, the add in the GEMM's epilogue where ``linear`` is a
+    :class:`FastLinear` (inference): the residual is read while the output tile is in cache,
+    instead of a separate pass over the (S, C) tensors."""
+    if isinstance(linear, FastLinear) and not linear.relu:
+        return linear(x, residual)
+    return linear(x) + residual
 
 
 class FusedConv2d(nn.Conv2d):
