@@ -248,10 +248,13 @@ def save_mask_head(model: torch.nn.Module, path: str | Path, base: str | Path) -
 
     base = Path(base)
     base_cfg, base_sd, _ = read_weights(base)
-    # fine-tuning records the dataset's category ids and its --imgsz: the same labels (ids and
-    # names) are the same model; the add-on then keeps the base's config, plus the head
+    # fine-tuning records the dataset's category ids and its --imgsz, and leaves out the starting
+    # model's measured tracking thresholds: the same labels (ids and names) are the same model, and
+    # with the detector bit-identical (checked below) its thresholds still hold; the add-on then
+    # keeps the base's config, plus the head
     same = dataclasses.replace(model.cfg, masks=False, category_ids=base_cfg.category_ids,
-                               stuff_ids=base_cfg.stuff_ids, imgsz=base_cfg.imgsz) == base_cfg
+                               stuff_ids=base_cfg.stuff_ids, imgsz=base_cfg.imgsz,
+                               track_high=base_cfg.track_high, track_low=base_cfg.track_low) == base_cfg
     if not model.cfg.masks or not same or list(model.cfg.labels) != list(base_cfg.labels):
         raise WeightsError(f"{base} is not this model without its mask head (the configs differ)")
     sd = canonical_state_dict(model)
