@@ -51,6 +51,28 @@ def test_fast_linear_equals_linear(shape, relu):
         assert "aten::addmm" not in ops
 
 
+@pytest.mark.parametrize("shape", [(7, 32), (2, 300, 32)])
+def test_linear_plus_adds_the_residual_in_the_epilogue(shape):
+    """linear_plus(FastLinear, x, r) = x W^T + b + r, through oneDNN's binary-add epilogue in
+    inference (no separate add); a plain nn.Linear, a ReLU linear or autograd add it after."""
+    from ddetr_cli.models.fusion import linear_plus
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48)
+    x, r = torch.randn(*shape), torch.randn(*shape[:-1], 48)
+    ref = F.linear(x, lin.weight, lin.bias) + r
+    with torch.inference_mode():
+        ops = _ops_run(lambda: linear_plus(FastLinear(lin), x, r))
+        out = linear_plus(FastLinear(lin), x, r)
+        plain = linear_plus(lin, x, r)
+        relu = linear_plus(FastLinear(lin, relu=True), x, r)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(relu, F.relu(F.linear(x, lin.weight, lin.bias)) + r, rtol=1e-5, atol=1e-5)
+    if inference._ONEDNN_LINEAR:
+        assert "mkldnn::_linear_pointwise" in ops and "aten::add" not in ops, ops
+
+
 def test_fast_linear_trains_like_linear():
     """With autograd on it is F.linear: same gradients, and the oneDNN kernel is not used."""
     torch.manual_seed(0)
