@@ -128,15 +128,15 @@ class MSDeformAttn(nn.Module):
             )
         if isinstance(value_in, UnprojectedValue):
             out = self._sample_then_project(value_in, spatial_shapes, level_start_index, loc, weights)
-            return self.output_proj(out) if residual is None else linear_plus(self.output_proj, out, residual)
-        s = value_in.shape[1]
-        value = self.value_proj(value_in)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(n, s, m, self.d_model // m)
-        # locations keep the reference points' float32 beside a reduced-precision value (the op
-        # takes both); weights are probabilities, for which the value's precision is enough
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights.to(value.dtype))
+        else:
+            s = value_in.shape[1]
+            value = self.value_proj(value_in)
+            if padding_mask is not None:
+                value = value.masked_fill(padding_mask[..., None], 0.0)
+            value = value.view(n, s, m, self.d_model // m)
+            # locations keep the reference points' float32 beside a reduced-precision value (the op
+            # takes both); weights are probabilities, for which the value's precision is enough
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights.to(value.dtype))
         return self.output_proj(out) if residual is None else linear_plus(self.output_proj, out, residual)
 
     def _sample_then_project(self, value: UnprojectedValue, spatial_shapes: torch.Tensor,
