@@ -45,7 +45,8 @@ class FinetuneOptions:
                           "two-stage, detr, detr-dc5.")
     arch: list[str] = option([], "For a new model (--scratch or --backbone vit-*): KEY=VALUE model settings, "
                              "e.g. backbone_depth=18 d_model=128 vit_depth=4 (repeatable). With a pretrained "
-                             "ResNet model: only masks=true, which adds a new mask head (train it with --freeze-boxes).")
+                             "ResNet model: only masks=true, which adds a new mask head (train it with --freeze-boxes; its attention maps "
+                             "enter scaled unless mask_attention=softmax, DETR's original).")
     # "vit-small"/"vit-base": a new model on that backbone unless ``model`` is one; None/"resnet":
     # the model as given. A pretrained ``model`` must have this backbone.
     backbone: str | None = option(None, "vit-small or vit-base: a new model on a ViT backbone (unless --model is a "
@@ -110,9 +111,10 @@ class FinetuneOptions:
                 raise FinetuneError(f"--name: {e}") from None
         if self.backbone is not None and self.backbone not in BACKBONES:
             raise FinetuneError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.arch and not self.new_model and set(parse_arch(self.arch)) != {"masks"}:
+        if self.arch and not self.new_model and not set(parse_arch(self.arch)) <= {"masks", "mask_attention"}:
             raise FinetuneError("--arch only applies to a new model, with --scratch or --backbone vit-* "
-                                "(a pretrained model fixes the architecture; it can only gain a mask head: --arch masks=true)")
+                                "(a pretrained model fixes the architecture; it can only gain a mask head: --arch masks=true, "
+                                "optionally mask_attention=softmax|scaled)")
         if self.backbone_weights and not (self.new_model and self.backbone in VIT_SIZES):
             raise FinetuneError("--backbone-weights applies to a new ViT-backbone model: give --backbone "
                                 f"{'|'.join(VIT_SIZES)} and no --model")

@@ -21,6 +21,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 ARCHS = ("deformable-detr", "detr")
+# how the mask head's attention maps enter its convolutions (see ModelConfig)
+MASK_ATTENTION = ("softmax", "scaled")
 BACKBONES = ("resnet", "vit-small", "vit-base")
 # ViT backbones: name -> (embed_dim, depth, num_heads), mlp ratio 4, patch 16 (timm's vit_*_patch16_224)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {"vit-small": (384, 12, 6), "vit-base": (768, 12, 12)}
@@ -34,12 +36,16 @@ class ModelConfig:
     original DETR; the deformable-only fields are then unused). ``backbone`` is "resnet" (depth
     from ``backbone_depth``) or a ViT ("vit-small", "vit-base"; ``vit_depth`` overrides its 12
     blocks, for small CPU models). ``masks`` adds DETR's mask head (``models.masks``; either family,
-    ResNet backbones).
+    ResNet backbones). ``mask_attention`` is how the head's per-query attention maps enter its
+    convolutions: "softmax", DETR's probabilities (the published checkpoints'), or "scaled", the
+    same multiplied by the number of attended positions (heads x valid pixels: 1 = uniform), which
+    a new head learns from in a short fine-tune (``models.masks.MHAttentionMap``).
     """
 
     arch: str = "deformable-detr"
     backbone: str = "resnet"
     masks: bool = False
+    mask_attention: str = "softmax"
     num_classes: int = 91
     class_names: list[str] = field(default_factory=list)
     # the category id of each label, for models trained on a COCO dataset (its own ids); empty:
@@ -76,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.mask_attention not in MASK_ATTENTION:
+            raise ValueError(f"mask_attention must be one of {', '.join(MASK_ATTENTION)}, got {self.mask_attention!r}")
         if self.masks:
             if self.backbone != "resnet":  # the head's FPN takes C2..C4 of a ResNet
                 raise ValueError("masks (the mask head) need a ResNet backbone")

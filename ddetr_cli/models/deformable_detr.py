@@ -308,7 +308,7 @@ class DeformableDETR(MaskHeadMixin, nn.Module):
             # FPN's start and the stride-8 level would make the Q-fold attention maps 16x larger.
             self.mask_level = len(body_channels) - 1
             stages = self.backbone.body.stage_channels
-            self.bbox_attention = MHAttentionMap(d, cfg.nheads)
+            self.bbox_attention = MHAttentionMap(d, cfg.nheads, scaled=cfg.mask_attention == "scaled")
             self.mask_head = MaskHead(d + cfg.nheads, stages[-2::-1], d)
 
     # Decoder cross-attention samples the memory before projecting it (UnprojectedValue):

@@ -141,7 +141,7 @@ class DETR(MaskHeadMixin, nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)
         if cfg.masks:
-            self.bbox_attention = MHAttentionMap(d, cfg.nheads)
+            self.bbox_attention = MHAttentionMap(d, cfg.nheads, scaled=cfg.mask_attention == "scaled")
             self.mask_head = MaskHead(d + cfg.nheads, stages[-2::-1], d)
 
     # what stays float32 in reduced-precision inference (``fusion.to_reduced_precision``)

@@ -226,13 +226,13 @@ CARD_FIELDS = ("track_high", "track_low")
 def _with_base(p: Path, cfg: ModelConfig, base_name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A mask-head add-on's (config, tensors) completed by its base detector's: the file
     ``base_name`` beside it, whose config must be the add-on's without the mask head (model-card
-    fields aside, which come from the base)."""
+    fields aside, which come from the base, and the head's own ``mask_attention``)."""
     base = p.parent / base_name
     if Path(base_name).name != base_name or not base.is_file():
         raise WeightsError(f"{p} is a mask head for {base_name}, which is not beside it")
     base_cfg, base_sd, base_layout = read_weights(base)
     cfg = dataclasses.replace(cfg, **{f: getattr(base_cfg, f) for f in CARD_FIELDS})
-    if base_layout != "ddetr" or dataclasses.replace(base_cfg, masks=True) != cfg:
+    if base_layout != "ddetr" or dataclasses.replace(base_cfg, masks=True, mask_attention=cfg.mask_attention) != cfg:
         raise WeightsError(f"{p} is a mask head for another model than {base}: their configs differ")
     head = load_safetensors(p)
     if not head or not all(k.startswith(MASK_HEAD_PREFIXES) for k in head):
@@ -252,7 +252,7 @@ def save_mask_head(model: torch.nn.Module, path: str | Path, base: str | Path) -
     # model's measured tracking thresholds: the same labels (ids and names) are the same model, and
     # with the detector bit-identical (checked below) its thresholds still hold; the add-on then
     # keeps the base's config, plus the head
-    same = dataclasses.replace(model.cfg, masks=False, category_ids=base_cfg.category_ids,
+    same = dataclasses.replace(model.cfg, masks=False, mask_attention=base_cfg.mask_attention, category_ids=base_cfg.category_ids,
                                stuff_ids=base_cfg.stuff_ids, imgsz=base_cfg.imgsz,
                                track_high=base_cfg.track_high, track_low=base_cfg.track_low) == base_cfg
     if not model.cfg.masks or not same or list(model.cfg.labels) != list(base_cfg.labels):
@@ -265,7 +265,7 @@ def save_mask_head(model: torch.nn.Module, path: str | Path, base: str | Path) -
     p = Path(path)
     if p.resolve().parent != base.resolve().parent:
         raise WeightsError(f"a mask-head add-on must sit beside its base ({base.parent})")
-    cfg = dataclasses.replace(base_cfg, masks=True)
+    cfg = dataclasses.replace(base_cfg, masks=True, mask_attention=model.cfg.mask_attention)
     meta = {FORMAT_KEY: json.dumps(cfg.to_dict()), "ddetr_format_version": FORMAT_VERSION, BASE_KEY: base.name}
     with atomic_path(p) as tmp:
         save_file({k: v for k, v in sd.items() if k.startswith(MASK_HEAD_PREFIXES)}, str(tmp), metadata=meta)

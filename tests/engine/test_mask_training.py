@@ -3,6 +3,7 @@ the training augmentations, and a short fine-tune that trains the mask head (or 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,25 @@ def test_mask_head_on_the_demo_detector_trains_alone(tmp_path):
     assert hist[-1]["mask"] + hist[-1]["dice"] < hist[0]["mask"] + hist[0]["dice"]
     trained = load_model(res.last)
     assert trained.cfg.masks and trained.cfg.arch == "deformable-detr"
+    assert trained.cfg.mask_attention == "scaled"  # a new head's maps enter scaled (models.masks.MHAttentionMap)
     _, demo, _ = read_weights(ROOT / "weights" / "demo.safetensors")
     own = trained.state_dict()
     assert [k for k, v in demo.items() if not torch.equal(own[k], v)] == []
+
+
+@pytest.mark.parametrize("model,arch,error", [
+    ("tiny", ["mask_attention=scaled"], "trained with softmax maps; only a new head can choose"),
+    ("demo", ["mask_attention=softmax"], "applies to a new mask head: add --arch masks=true"),
+    ("demo", ["masks=true", "mask_attention=sharp"], "mask_attention must be one of softmax, scaled"),
+    ("demo", ["masks=true", "d_model=64"], "--arch only applies to a new model"),
+])
+def test_mask_attention_is_chosen_for_a_new_head_only(tmp_path, model, arch, error):
+    """--arch mask_attention goes with a new mask head; a trained head keeps the maps it learnt on."""
+    from ddetr_cli.engine.options import FinetuneError
+    from ddetr_cli.engine.trainer import finetune
+
+    start = str(_tiny_start(tmp_path / "tiny.safetensors")) if model == "tiny" else model
+    with pytest.raises(FinetuneError, match=re.escape(error)):
+        finetune(ROOT / "examples" / "data" / "coco", model=start, arch=arch, imgsz=64, batch=2, workers=0, epochs=1,
+                 max_steps=1, register=False, verbose=False, out=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))

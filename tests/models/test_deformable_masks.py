@@ -53,6 +53,27 @@ def test_masks_shape_and_padding(variant, levels):
     assert "masks" not in model(images, pad)  # a frozen head is skipped in training
 
 
+def test_scaled_attention_maps_count_the_unpadded_positions():
+    """``mask_attention="scaled"``: DETR's softmax maps times heads x unpadded pixels (1 = a uniform
+    map), the same for an image whether it is padded in a batch or not; "softmax" is DETR's own."""
+    from ddetr_cli.models.masks import MHAttentionMap
+
+    torch.manual_seed(0)
+    softmax, scaled = MHAttentionMap(64, 8), MHAttentionMap(64, 8, scaled=True)
+    scaled.load_state_dict(softmax.state_dict())
+    q, memory = torch.randn(2, 5, 64), torch.randn(2, 64, 6, 7)
+    pad = torch.zeros(2, 6, 7, dtype=torch.bool)
+    pad[1, 4:], pad[1, :, 5:] = True, True  # image 1 is 4x5 inside the 6x7 batch
+    with torch.no_grad():
+        p, s = softmax(q, memory, pad), scaled(q, memory, pad)
+        alone = scaled(q[1:], memory[1:, :, :4, :5].contiguous(), torch.zeros(1, 4, 5, dtype=torch.bool))
+    torch.testing.assert_close(p.sum((2, 3, 4)), torch.ones(2, 5))
+    torch.testing.assert_close(s[0], p[0] * 8 * 42)
+    torch.testing.assert_close(s[1], p[1] * 8 * 20)
+    torch.testing.assert_close(s[1, :, :, :4, :5], alone[0])
+    assert s[1, :, :, 4:].abs().max() == 0 and s[1, :, :, :, 5:].abs().max() == 0
+
+
 def test_demo_weights_load_with_only_the_head_new():
     model, sd = _demo_with_head()
     groups = alias_groups(model)
@@ -126,7 +147,7 @@ def test_bundled_demo_masks_addon_is_trained(tmp_path):
 
     cfg, sd, _ = read_weights(ROOT / "weights" / "demo-masks.safetensors")
     base_cfg, base_sd, _ = read_weights(DEMO)
-    assert cfg == dataclasses.replace(base_cfg, masks=True)
+    assert cfg == dataclasses.replace(base_cfg, masks=True, mask_attention="scaled")
     # the detector's model card (tracking thresholds measured on its scores) comes with it
     assert base_cfg.track_high is not None and (cfg.track_high, cfg.track_low) == (base_cfg.track_high, base_cfg.track_low)
     assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
@@ -144,3 +165,16 @@ def test_bundled_demo_masks_addon_is_trained(tmp_path):
         losses[name] = out["mask"].item() + out["dice"].item()
         assert out["giou"].item() < 0.5  # the detector finds the shapes: the matched masks are theirs
     assert losses["trained"] < 0.95 * losses["fresh"], losses
+    # each matched query's mask is its own object's: it overlaps that object's mask more than any
+    # other object's (a head blind to the query draws one blob for all of them)
+    with torch.no_grad():
+        out = trained(images, pad)
+    own, best = [], []
+    for b, (qi, ti) in enumerate(crit.matcher(out["logits"], out["boxes"], targets)):
+        pred = out["masks"][b, qi].sigmoid() > 0.5  # (K, h, w)
+        objects = torch.nn.functional.interpolate(targets[b]["masks"][None].float(), size=pred.shape[-2:], mode="area")[0] > 0.5
+        iou = (pred[:, None] & objects[None]).sum((2, 3)) / (pred[:, None] | objects[None]).sum((2, 3)).clamp_min(1)
+        own.append(iou[torch.arange(len(ti)), ti])
+        best.append(iou.argmax(1) == ti)
+    own_iou, best = torch.cat(own), torch.cat(best)
+    assert len(own_iou) >= 20 and best.float().mean() >= 0.8 and own_iou.mean() >= 0.4, (own_iou, best)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
             if arch.setdefault("backbone", opts.backbone) != opts.backbone:
                 raise FinetuneError(f"--backbone {opts.backbone} contradicts --arch backbone={arch['backbone']}")
         try:
-            cfg = ModelConfig.from_variant(opts.variant, **arch, num_classes=n, class_names=list(class_names))
+            cfg = ModelConfig.from_variant(opts.variant, **_new_head_arch(arch), num_classes=n, class_names=list(class_names))
         except (TypeError, ValueError) as e:
             raise FinetuneError(f"bad model configuration: {e}") from None
         model = build_model(cfg)
@@ -77,7 +78,7 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
                             + (f" (leave out --model to train a new {opts.backbone} model)" if opts.backbone in VIT_SIZES else ""))
     add_head, note = _added_mask_head(cfg, opts, path)
     if add_head:
-        cfg = dataclasses.replace(cfg, masks=True)
+        cfg = dataclasses.replace(cfg, masks=True, mask_attention=_new_head_arch(parse_arch(opts.arch))["mask_attention"])
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
         model = build_model(cfg)
         load_state_dict_strict(model, sd, source=str(path), new_mask_head=add_head)
@@ -92,16 +93,29 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
     return model, f"{path} ({layout}), class head re-initialised for {n} classes (was {cfg.num_classes}){note}"
 
 
+def _new_head_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """--arch settings of a model given a new mask head (masks=true): its attention maps enter
+    scaled unless the settings say otherwise (see ModelConfig.mask_attention)."""
+    return {"mask_attention": "scaled", **arch} if arch.get("masks") else arch
+
+
 def _added_mask_head(cfg: ModelConfig, opts: FinetuneOptions, path: Path) -> tuple[bool, str]:
     """``--arch masks=true`` on a pretrained model: (whether a new mask head is added, a note
-    for the source line). The options' validation allows no other --arch key here."""
-    wanted = parse_arch(opts.arch).get("masks")
+    for the source line). The options' validation allows no other --arch key here than
+    mask_attention, which only a new head can choose."""
+    arch = parse_arch(opts.arch)
+    wanted = arch.get("masks")
     if wanted is None or wanted == cfg.masks:
+        if cfg.masks and arch.get("mask_attention", cfg.mask_attention) != cfg.mask_attention:
+            raise FinetuneError(f"--arch mask_attention={arch['mask_attention']}: the mask head of {path} was trained "
+                                f"with {cfg.mask_attention} maps; only a new head can choose")
+        if "mask_attention" in arch and not cfg.masks:
+            raise FinetuneError("--arch mask_attention applies to a new mask head: add --arch masks=true")
         return False, ""
     if not wanted:
         raise FinetuneError(f"--arch masks=false: {path} has a mask head; use --no-train-masks to leave it as it is")
     try:
-        dataclasses.replace(cfg, masks=True)
+        dataclasses.replace(cfg, masks=True, mask_attention=_new_head_arch(arch)["mask_attention"])
     except ValueError as e:
         raise FinetuneError(f"--arch masks=true: {e}") from None
     return True, ", new mask head"
