@@ -112,7 +112,10 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         m, nl, p = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).view(n, lq, m, nl, p, 2)
-        weights = self.attention_weights(query).view(n, lq, m, nl * p).softmax(-1).view(n, lq, m, nl, p)
+        # probabilities in float32 beside reduced-precision features: the op reads them so, and
+        # torch's bfloat16 softmax over 16 values is ~2x slower on CPU than float32's
+        weights = self.attention_weights(query).view(n, lq, m, nl * p).softmax(-1, dtype=geometry_dtype(query.dtype))
+        weights = weights.view(n, lq, m, nl, p)
         if reference_points.shape[-1] == 2:
             # loc = ref + offset / (W_l, H_l), computed on flat rows in one pass (addcmul): the
             # 6-d broadcast of the plain expression is several times slower on CPU at encoder
@@ -134,9 +137,8 @@ class MSDeformAttn(nn.Module):
             if padding_mask is not None:
                 value = value.masked_fill(padding_mask[..., None], 0.0)
             value = value.view(n, s, m, self.d_model // m)
-            # locations keep the reference points' float32 beside a reduced-precision value (the op
-            # takes both); weights are probabilities, for which the value's precision is enough
-            out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights.to(value.dtype))
+            # locations and weights stay float32 beside a reduced-precision value (the op takes both)
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights)
         return self.output_proj(out) if residual is None else linear_plus(self.output_proj, out, residual)
 
     def _sample_then_project(self, value: UnprojectedValue, spatial_shapes: torch.Tensor,
@@ -147,7 +149,7 @@ class MSDeformAttn(nn.Module):
         c = self.d_model
         rows = value.rows
         sampled = ms_deform_attn(rows, spatial_shapes, level_start_index, loc.reshape(n, lq * m, 1, nl, p, 2),
-                                 weights.reshape(n, lq * m, 1, nl, p).to(rows.dtype)).view(n, lq, m, c + 1)
+                                 weights.reshape(n, lq * m, 1, nl, p)).view(n, lq, m, c + 1)
         w = self.value_proj.weight
         sampled = sampled.to(w.dtype)
         out = torch.einsum("nqmc,mdc->nqmd", sampled[..., :c], w.view(m, c // m, c))

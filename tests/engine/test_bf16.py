@@ -98,11 +98,16 @@ def test_bf16_keeps_demo_heldout_ap(tmp_path, monkeypatch, capsys):
 def test_bf16_hub_model_finds_float32_top_detections(variant, tmp_path, monkeypatch):
     """A hub-format model (transformers' files, the COCO head of 91 labels) on an 800x1000 image at
     its reference size: the float32 model's 20 top-scoring queries come out of bfloat16 with the
-    same class, the score within 1e-2 and every box side within 3 px.
+    same class, the score within 1e-2 and every box side within 3.5 px.
 
-    3 px, not 2: with random weights a bfloat16 ResNet-50 alone moves these boxes by ~1.6 px
-    (measured on an AVX2 EPYC); the whole bfloat16 path moves them by 2.3-3.0 px, and torch's own
-    bfloat16 autocast by 5.1 px. On the trained demo model boxes move by under 0.5 px. (Two-stage
+    3.5 px, not 2: these random weights amplify rounding far more than trained ones do. Measured
+    2026-12-04 on an AMD EPYC with native AVX512-BF16 (oneDNN): multi-scale 1.97 px, box-refine
+    3.21 px (each decoder layer refines the previous box, so the errors chain), scores within 1e-3;
+    emulated bfloat16 on an AVX2 EPYC: 2.3-3.0 px; torch's own bfloat16 autocast: 5.1 px. Rounding
+    only the float32 model's input to bfloat16 moves the boxes by 0.16 px, so the model is not
+    chaotic: the spread is bfloat16's 2**-9 through a random ResNet-50 and encoder (the encoder
+    layers alone, in bfloat16 with float32 between them: 2.8 px). The trained demo model keeps its
+    detections' boxes within 2 px (below). (Two-stage
     is left out: with random weights its 17,821 encoder proposals score so alike that bfloat16
     picks a partly different top 20, as a different float32 summation order could.)"""
     from hf_reference import make_hf_model, save_hub, unresized_image
@@ -126,4 +131,32 @@ def test_bf16_hub_model_finds_float32_top_detections(variant, tmp_path, monkeypa
     top = s32.topk(20).indices
     assert torch.equal(l16[top], l32[top])
     assert (s16[top] - s32[top]).abs().max() <= 1e-2
-    assert (b16[top] - b32[top]).abs().max() <= 3.0
+    assert (b16[top] - b32[top]).abs().max() <= 3.5
+
+
+def test_bf16_demo_model_keeps_its_detections(monkeypatch):
+    """The trained demo model on the bundled example images: every query that float32 scores
+    above 0.3 keeps its class in bfloat16, its score within 0.03 and every box side within 2 px
+    (measured on native AVX512-BF16: at most 1.12 px and 0.017)."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("DDETR_CPU_BF16", "force")
+    dets = {half: Detector.from_pretrained(DEMO, device="cpu", half=half) for half in (False, True)}
+    found = 0
+    for path in sorted((REPO / "examples" / "images").glob("*.jpg")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        h, w = image.shape[:2]
+        outs = {}
+        for half, det in dets.items():
+            out = det.forward_arrays([image])
+            scores, labels = out["logits"][0].float().sigmoid().max(-1)
+            boxes = out["boxes"][0].float() * torch.tensor([w, h, w, h])
+            outs[half] = scores, labels, torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
+        (s32, l32, b32), (s16, l16, b16) = outs[False], outs[True]
+        keep = (s32 > 0.3).nonzero()[:, 0]
+        found += len(keep)
+        assert torch.equal(l16[keep], l32[keep]), path.name
+        assert (s16[keep] - s32[keep]).abs().max() <= 0.03, path.name
+        assert (b16[keep] - b32[keep]).abs().max() <= 2.0, path.name
+    assert found >= 20  # the demo finds the shapes at all
