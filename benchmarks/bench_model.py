@@ -8,7 +8,8 @@ in one process, interleaved, on the same inputs and thread count. On CPU the row
 float32 and in bfloat16 (``--half``: run where the CPU has AMX / AVX512-BF16, or with
 ``--force-bf16`` where it would be emulated), transformers in float32, and the compute floor: the
 model's GEMM + convolution FLOPs at this CPU's large-sgemm rate, timed in the same interleaved
-loop (so a busy machine slows floor and model alike). The header names the CPU and its flags.
+loop (so a busy machine slows floor and model alike); with the bfloat16 row, a bfloat16 floor (the
+same FLOPs at a large bfloat16 matmul's rate), against which that row's share is given. The header names the CPU and its flags.
 """
 
 from __future__ import annotations
@@ -150,8 +151,12 @@ def main() -> None:
         gflop = model_gflop(hf, x, mask)
         a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
         fns["sgemm"] = lambda: a @ b
+        if any("bfloat16" in name for name in fns):  # the bfloat16 row's floor: the same FLOPs at bf16 GEMM speed
+            a16, b16 = a.bfloat16(), b.bfloat16()
+            fns["bf16 gemm"] = lambda: a16 @ b16
     times = time_interleaved(fns, dev, args.repeats)
     sgemm = times.pop("sgemm", None)
+    bgemm = times.pop("bf16 gemm", None)
     rows = list(times.items())
     if not args.no_hf:
         with torch.inference_mode():
@@ -170,15 +175,22 @@ def main() -> None:
     print("| implementation | ms / batch | images / s | speed-up vs transformers | share of the floor |")
     print("|---|---:|---:|---:|---:|")
     floor = gflop / (2 * SGEMM_N**3 / sgemm / 1e9) if gflop is not None and sgemm else None
+    floor16 = gflop / (2 * SGEMM_N**3 / bgemm / 1e9) if gflop is not None and bgemm else None
     for name, t in rows:
         ratio = f"{base / t:.2f}x" if base else "-"
-        share = f"{floor / t:.0%}" if floor else "-"
+        # each row against the floor of its own precision
+        own_floor = floor16 if "bfloat16" in name else floor
+        share = f"{own_floor / t:.0%}" if own_floor else "-"
         print(f"| {name} | {t * 1000:.0f} | {args.batch / t:.2f} | {ratio} | {share} |")
     if floor is not None:
         peak = 2 * SGEMM_N**3 / sgemm / 1e9
         print(f"| compute floor (float32): {gflop:.0f} GFLOP of GEMM + conv at {peak:.0f} GFLOP/s "
               f"(this CPU's {SGEMM_N}^3 sgemm, timed in the same loop) | {floor * 1000:.0f} | {args.batch / floor:.2f} | "
               f"{base / floor:.2f}x | 100% |")
+    if floor16 is not None:
+        peak16 = 2 * SGEMM_N**3 / bgemm / 1e9
+        print(f"| compute floor (bfloat16): the same GFLOP at {peak16:.0f} GFLOP/s ({SGEMM_N}^3 bfloat16 matmul, same loop) "
+              f"| {floor16 * 1000:.0f} | {args.batch / floor16:.2f} | {base / floor16:.2f}x | {floor / floor16:.0%} |")
     if bf16_note:
         print(f"| ddetr bfloat16 | not run | - | - | - |\n\n{bf16_note}")
     if not args.no_hf:
