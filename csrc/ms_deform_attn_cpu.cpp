@@ -8,12 +8,14 @@
 // Bilinear sampling follows grid_sample(align_corners=False, padding_mode="zeros"): a normalised
 // location (x, y) is read at pixel (x * W - 0.5, y * H - 0.5) and corners outside the level read 0.
 //
-// Forward is parallel over (n, m, q) on a head-major (N, M, S, D) copy of value (one head's rows
-// contiguous: ~2x fewer cache misses at the encoder shape than the (N, S, M, D) layout). Backward is parallel over (n, m) so that each
+// Forward is parallel over (n, m, q) on a head-major (N, M, S, D) copy of value, one head's rows
+// contiguous (measured against (n, q, m) over (N, S, M, D), interleaved in one process on a 2-core
+// EPYC: uniform locations 34 -> 20-29 ms, bfloat16 at the encoder shape 27 -> 23 ms, float32 at
+// the encoder shape within noise, the copy included). Backward is parallel over (n, m) so that each
 // thread owns the slice grad_value[n, :, m, :] and accumulates into it without races, in a fixed
 // order (deterministic); it works on head-major (N, M, S, D) copies of value and grad_value so
 // that a head's slice is contiguous (measured ~1.4x faster at the encoder shape).
-// The channel loops run over contiguous rows value[n, s, m, :] and are written for the compiler to
+// The channel loops run over contiguous rows (D values of one head at one pixel) and are written for the compiler to
 // vectorise; invalid corners point at a row of zeros instead of branching inside the loop. The
 // corner geometry of all L*P points of a query is computed first, in a loop across points.
 
@@ -177,8 +179,8 @@ void forward_kernel(const value_t* value_hm, const int64_t* shapes, const int64_
   const LevelTable<scalar_t> table(shapes, starts, d.L, d.P);
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(LP, 1));
   // Items in the order (n, m, q): one head's queries in a row, so that the pixels a run of
-  // neighbouring queries samples are one head's contiguous rows (D values each), a working set
-  // that stays in L2; in (q, m) order every head's rows of those pixels compete for it.
+  // neighbouring queries samples are one head's contiguous rows (D values each), an M times
+  // smaller working set than in (q, m) order, where every head's rows of those pixels are live.
   at::parallel_for(0, d.N * d.M * d.Lq, grain, [&](int64_t begin, int64_t end) {
     const std::vector<value_t> zero(D, value_t(0));
     // generic channel count with a reduced-precision value: a float row to accumulate into

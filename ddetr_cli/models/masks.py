@@ -36,10 +36,10 @@ class MHAttentionMap(nn.Module):
 
     The softmax runs jointly over heads and positions, as in the reference. ``scaled`` multiplies
     the probabilities by the number of positions attended (heads x unpadded pixels), so that a
-    uniform map reads 1 whatever the image size: DETR's raw probabilities (~1e-3) enter the conv
-    head beside features of ~1 and get ~1/1000 of the gradient, which 25 COCO epochs overcome but a
-    short fine-tune does not (the demo's head, 2000 steps: every query's mask the same to 2e-4;
-    scaled, 1000 steps: mask AP 0.17). Counting unpadded pixels keeps an image's maps independent
+    uniform map reads 1 whatever the image size: DETR's raw probabilities (~2e-3 at 256 px) enter
+    the conv head beside features of ~1 and their weights get ~1/200 of the gradient, which 25 COCO
+    epochs overcome but a short fine-tune does not (the demo's head, 2000 steps: every query's mask
+    the same to 2e-4, mask AP 0.011; scaled, 2000 steps: mask AP 0.261). Counting unpadded pixels keeps an image's maps independent
     of the batch it is padded in."""
 
     def __init__(self, d_model: int, n_heads: int, scaled: bool = False) -> None:
