@@ -4,13 +4,13 @@
 # together with weights/demo.safetensors beside it), then measure box and mask AP.
 #
 #   bash weights/train_demo_masks.sh [WORKDIR]     # WORKDIR default /tmp/ddetr-demo-masks
-#   STEPS=N bash weights/train_demo_masks.sh        # optimizer steps (default 2000, batch 2)
+#   STEPS=N bash weights/train_demo_masks.sh        # optimizer steps (default 4000, batch 2)
 #
 # Deterministic: data seed 2026 (the demo's own training images, first 400), training seed 0.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-/tmp/ddetr-demo-masks}"
-steps="${STEPS:-2000}"
+steps="${STEPS:-4000}"
 epochs=$(( (steps * 2 + 399) / 400 ))  # 400 images, batch 2: 200 steps an epoch
 mkdir -p "$work"
 if [ ! -f "$work/data/coco/train/_annotations.coco.json" ]; then
