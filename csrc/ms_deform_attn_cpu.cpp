@@ -15,9 +15,10 @@
 // thread owns the slice grad_value[n, :, m, :] and accumulates into it without races, in a fixed
 // order (deterministic); it works on head-major (N, M, S, D) copies of value and grad_value so
 // that a head's slice is contiguous (measured ~1.4x faster at the encoder shape).
-// The channel loops run over contiguous rows (D values of one head at one pixel) and are written for the compiler to
-// vectorise; invalid corners point at a row of zeros instead of branching inside the loop. The
-// corner geometry of all L*P points of a query is computed first, in a loop across points.
+// The channel loops run over contiguous rows (D values of one head at one pixel) and are written
+// for the compiler to vectorise; invalid corners point at a row of zeros instead of branching
+// inside the loop. The corner geometry of all L*P points of a query is computed first, in a loop
+// across points.
 
 #include "ms_deform_attn.h"
 

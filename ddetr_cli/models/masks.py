@@ -39,8 +39,8 @@ class MHAttentionMap(nn.Module):
     uniform map reads 1 whatever the image size: DETR's raw probabilities (~2e-3 at 256 px) enter
     the conv head beside features of ~1 and their weights get ~1/200 of the gradient, which 25 COCO
     epochs overcome but a short fine-tune does not (the demo's head, 2000 steps: every query's mask
-    the same to 2e-4, mask AP 0.011; scaled, 2000 steps: mask AP 0.261). Counting unpadded pixels keeps an image's maps independent
-    of the batch it is padded in."""
+    the same to 2e-4, mask AP 0.011; scaled, 2000 steps: mask AP 0.261). Counting unpadded pixels
+    keeps an image's maps independent of the batch it is padded in."""
 
     def __init__(self, d_model: int, n_heads: int, scaled: bool = False) -> None:
         super().__init__()

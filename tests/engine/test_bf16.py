@@ -93,6 +93,16 @@ def test_bf16_keeps_demo_heldout_ap(tmp_path, monkeypatch, capsys):
     assert settings["half"] is True and settings["dtype"] == "bfloat16"
 
 
+def _queries(det: Detector, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every query of ``det`` on one RGB image (H, W, 3): best score (Q,), its label (Q,) and the
+    box as x1, y1, x2, y2 in image pixels (Q, 4), in float32."""
+    h, w = image.shape[:2]
+    out = det.forward_arrays([image])
+    scores, labels = out["logits"][0].float().sigmoid().max(-1)
+    boxes = out["boxes"][0].float() * torch.tensor([w, h, w, h])
+    return scores, labels, torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["multi-scale", "box-refine"])
 def test_bf16_hub_model_finds_float32_top_detections(variant, tmp_path, monkeypatch):
@@ -118,16 +128,9 @@ def test_bf16_hub_model_finds_float32_top_detections(variant, tmp_path, monkeypa
     from PIL import Image
 
     image = np.asarray(Image.open(unresized_image(tmp_path / "im.png")).convert("RGB"))
-    h, w = image.shape[:2]
-    outs = {}
-    for half in (False, True):
-        det = Detector.from_pretrained(tmp_path / "hub", device="cpu", half=half, imgsz=800)
-        out = det.forward_arrays([image])
-        scores, labels = out["logits"][0].float().sigmoid().max(-1)
-        boxes = out["boxes"][0].float() * torch.tensor([w, h, w, h])
-        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
-        outs[half] = scores, labels, xyxy
-    (s32, l32, b32), (s16, l16, b16) = outs[False], outs[True]
+    (s32, l32, b32), (s16, l16, b16) = (
+        _queries(Detector.from_pretrained(tmp_path / "hub", device="cpu", half=half, imgsz=800), image)
+        for half in (False, True))
     top = s32.topk(20).indices
     assert torch.equal(l16[top], l32[top])
     assert (s16[top] - s32[top]).abs().max() <= 1e-2
@@ -146,14 +149,7 @@ def test_bf16_demo_model_keeps_its_detections(monkeypatch):
     found = 0
     for path in sorted((REPO / "examples" / "images").glob("*.jpg")):
         image = np.asarray(Image.open(path).convert("RGB"))
-        h, w = image.shape[:2]
-        outs = {}
-        for half, det in dets.items():
-            out = det.forward_arrays([image])
-            scores, labels = out["logits"][0].float().sigmoid().max(-1)
-            boxes = out["boxes"][0].float() * torch.tensor([w, h, w, h])
-            outs[half] = scores, labels, torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1)
-        (s32, l32, b32), (s16, l16, b16) = outs[False], outs[True]
+        (s32, l32, b32), (s16, l16, b16) = (_queries(dets[half], image) for half in (False, True))
         keep = (s32 > 0.3).nonzero()[:, 0]
         found += len(keep)
         assert torch.equal(l16[keep], l32[keep]), path.name

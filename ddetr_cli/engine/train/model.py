@@ -76,9 +76,10 @@ def _starting_model(class_names: list[str], opts: FinetuneOptions) -> tuple[Defo
     if opts.backbone and cfg.backbone != opts.backbone:
         raise FinetuneError(f"--backbone {opts.backbone}: {path} has a {cfg.backbone} backbone"
                             + (f" (leave out --model to train a new {opts.backbone} model)" if opts.backbone in VIT_SIZES else ""))
-    add_head, note = _added_mask_head(cfg, opts, path)
+    new_head, note = _added_mask_head(cfg, opts, path)
+    add_head = new_head is not None
     if add_head:
-        cfg = dataclasses.replace(cfg, masks=True, mask_attention=_new_head_arch(parse_arch(opts.arch))["mask_attention"])
+        cfg = new_head
     if list(cfg.class_names) == list(class_names) and cfg.num_classes == n:
         model = build_model(cfg)
         load_state_dict_strict(model, sd, source=str(path), new_mask_head=add_head)
@@ -99,10 +100,10 @@ def _new_head_arch(arch: dict[str, Any]) -> dict[str, Any]:
     return {"mask_attention": "scaled", **arch} if arch.get("masks") else arch
 
 
-def _added_mask_head(cfg: ModelConfig, opts: FinetuneOptions, path: Path) -> tuple[bool, str]:
-    """``--arch masks=true`` on a pretrained model: (whether a new mask head is added, a note
-    for the source line). The options' validation allows no other --arch key here than
-    mask_attention, which only a new head can choose."""
+def _added_mask_head(cfg: ModelConfig, opts: FinetuneOptions, path: Path) -> tuple[ModelConfig | None, str]:
+    """``--arch masks=true`` on a pretrained model: (the config with a new mask head, or None
+    when none is added; a note for the source line). The options' validation allows no other
+    --arch key here than mask_attention, which only a new head can choose."""
     arch = parse_arch(opts.arch)
     wanted = arch.get("masks")
     if wanted is None or wanted == cfg.masks:
@@ -111,14 +112,13 @@ def _added_mask_head(cfg: ModelConfig, opts: FinetuneOptions, path: Path) -> tup
                                 f"with {cfg.mask_attention} maps; only a new head can choose")
         if "mask_attention" in arch and not cfg.masks:
             raise FinetuneError("--arch mask_attention applies to a new mask head: add --arch masks=true")
-        return False, ""
+        return None, ""
     if not wanted:
         raise FinetuneError(f"--arch masks=false: {path} has a mask head; use --no-train-masks to leave it as it is")
     try:
-        dataclasses.replace(cfg, masks=True, mask_attention=_new_head_arch(arch)["mask_attention"])
+        return dataclasses.replace(cfg, masks=True, mask_attention=_new_head_arch(arch)["mask_attention"]), ", new mask head"
     except ValueError as e:
         raise FinetuneError(f"--arch masks=true: {e}") from None
-    return True, ", new mask head"
 
 
 def resumed_model(model_config: dict, weights: dict, opts: FinetuneOptions) -> DeformableDETR:
