@@ -9,7 +9,8 @@ float32 and in bfloat16 (``--half``: run where the CPU has AMX / AVX512-BF16, or
 ``--force-bf16`` where it would be emulated), transformers in float32, and the compute floor: the
 model's GEMM + convolution FLOPs at this CPU's large-sgemm rate, timed in the same interleaved
 loop (so a busy machine slows floor and model alike); with the bfloat16 row, a bfloat16 floor (the
-same FLOPs at a large bfloat16 matmul's rate), against which that row's share is given. The header names the CPU and its flags.
+same FLOPs at a large bfloat16 matmul's rate), against which that row's share is given. The header
+names the CPU and its flags.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def main() -> None:
     print("| implementation | ms / batch | images / s | speed-up vs transformers | share of the floor |")
     print("|---|---:|---:|---:|---:|")
     floor = gflop / (2 * SGEMM_N**3 / sgemm / 1e9) if gflop is not None and sgemm else None
-    floor16 = gflop / (2 * SGEMM_N**3 / bgemm / 1e9) if gflop is not None and bgemm else None
+    peak16 = 2 * SGEMM_N**3 / bgemm / 1e9 if bgemm else None
+    floor16 = gflop / peak16 if gflop is not None and peak16 else None
     for name, t in rows:
         ratio = f"{base / t:.2f}x" if base else "-"
         # each row against the floor of its own precision
@@ -188,9 +190,8 @@ def main() -> None:
               f"(this CPU's {SGEMM_N}^3 sgemm, timed in the same loop) | {floor * 1000:.0f} | {args.batch / floor:.2f} | "
               f"{base / floor:.2f}x | 100% |")
     if floor16 is not None:
-        peak16 = 2 * SGEMM_N**3 / bgemm / 1e9
         print(f"| compute floor (bfloat16): the same GFLOP at {peak16:.0f} GFLOP/s ({SGEMM_N}^3 bfloat16 matmul, same loop) "
-              f"| {floor16 * 1000:.0f} | {args.batch / floor16:.2f} | {base / floor16:.2f}x | {floor / floor16:.0%} |")
+              f"| {floor16 * 1000:.0f} | {args.batch / floor16:.2f} | {base / floor16:.2f}x | 100% |")
     if bf16_note:
         print(f"| ddetr bfloat16 | not run | - | - | - |\n\n{bf16_note}")
     if not args.no_hf:
